@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny models built in code (no hub) and the embedded SmolLM2 for `slow` tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retainfirst.models import build_byte_tokenizer, build_tiny_llama
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(byte_tokenizer):
+    """A fresh randomly initialised ~0.9M-param Llama (byte vocabulary) per test."""
+    return build_tiny_llama(len(byte_tokenizer), seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct (dequantised and cached on first use). Read-only: copy to train."""
+    from retainfirst.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    model.eval()
+    return model, tokenizer
