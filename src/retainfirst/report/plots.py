@@ -1,0 +1,164 @@
+"""Plots of a run directory: Pareto fronts, per-step training curves, cos(update, retain) vs recovery.
+
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend state), so
+plotting works headless and from threads, and each PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from retainfirst.report.files import atomic_write
+from retainfirst.report.pareto import compare_families, pareto_front
+from retainfirst.report.scores import RunSummary
+
+# Per-step quantities drawn by plot_training_curves, with their axis labels.
+CURVE_METRICS: dict[str, str] = {
+    "forget_loss": "forget loss",
+    "retain_loss": "retain loss",
+    "cos_forget_retain": "cos(g_f, g_r)",
+    "cos_update_retain": "cos(update, g_r)",
+    "conflict_fraction": "conflict fraction",
+}
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def _colors(labels: Iterable[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {label: cmap(i % 10) for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def _finite(*values: float | None) -> bool:
+    return all(v is not None and math.isfinite(v) for v in values)
+
+
+def plot_pareto(
+    runs: Sequence[RunSummary],
+    path: str | Path,
+    before: RunSummary | None = None,
+    title: str = "Forgetting vs utility",
+) -> Path:
+    """One point per run (colour = family), each family's front as a step line, the overall front dashed.
+
+    x: forget score (lower = more forgotten), y: utility = mean recovery % of the retained metrics.
+    """
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    points = [(r.forget_score, r.utility) for r in runs]
+    families = [r.family for r in runs]
+    colors = _colors(families)
+    for fam in colors:
+        xs = [p[0] for p, f in zip(points, families, strict=True) if f == fam and _finite(*p)]
+        ys = [p[1] for p, f in zip(points, families, strict=True) if f == fam and _finite(*p)]
+        ax.scatter(xs, ys, color=colors[fam], label=fam, zorder=3)
+    if points:
+        comparison = compare_families(points, families)
+        for fam, front in comparison.fronts.items():
+            if len(front) > 1:
+                ax.step(
+                    [points[i][0] for i in front],
+                    [points[i][1] for i in front],
+                    where="post",
+                    color=colors[fam],
+                    alpha=0.6,
+                )
+        overall = pareto_front(points)
+        if overall:
+            ax.plot(
+                [points[i][0] for i in overall],
+                [points[i][1] for i in overall],
+                "k--",
+                alpha=0.5,
+                label="overall front",
+                zorder=2,
+            )
+    for run, (x, y) in zip(runs, points, strict=True):
+        if _finite(x, y):
+            ax.annotate(run.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if before is not None and _finite(before.forget_score):
+        ax.axvline(before.forget_score, color="grey", linestyle=":", label="before (forget score)")
+    ax.set_xlabel("forget score (lower = more forgotten)")
+    ax.set_ylabel("utility: mean recovery %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if runs or before is not None:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_training_curves(
+    records: Iterable[Mapping[str, Any]],
+    path: str | Path,
+    metrics: Mapping[str, str] = CURVE_METRICS,
+    title: str = "Training curves",
+) -> Path:
+    """Per-step curves of each run (``records``: metrics.jsonl lines with ``run`` and ``step``)."""
+    by_run: dict[str, list[Mapping[str, Any]]] = {}
+    for rec in records:
+        by_run.setdefault(str(rec.get("run", "run")), []).append(rec)
+    present = [m for m in metrics if any(_number(r.get(m)) for recs in by_run.values() for r in recs)]
+    shown = present or list(metrics)[:1]
+    cols = min(3, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    colors = _colors(by_run)
+    for k, metric in enumerate(shown):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        for run, recs in by_run.items():
+            pairs = [
+                (r.get("step", i), float(r[metric])) for i, r in enumerate(recs) if _number(r.get(metric))
+            ]
+            if pairs:
+                xs, ys = zip(*sorted(pairs), strict=True)
+                ax.plot(xs, ys, color=colors[run], label=run, linewidth=1.2)
+        ax.set_title(metrics[metric], fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if k == 0 and by_run:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_cos_vs_recovery(
+    runs: Sequence[RunSummary],
+    path: str | Path,
+    stat: str = "cos_update_retain",
+    title: str = "Final cos(update, retain) vs utility recovery",
+) -> Path:
+    """Does keeping the update aligned with the retain gradient predict how much utility survives?"""
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    colors = _colors(r.family for r in runs)
+    for fam, color in colors.items():
+        pts = [
+            (r.final_stats.get(stat), r.utility, r.name)
+            for r in runs
+            if r.family == fam and _finite(r.final_stats.get(stat), r.utility)
+        ]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=fam, zorder=3)
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"final {stat}")
+    ax.set_ylabel("utility: mean recovery %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if colors:
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,71 @@
+"""TrainConfig validation and round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from retainfirst.engine import TrainConfig
+from retainfirst.errors import RetainFirstError
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr_schedule", "step", "['constant', 'linear', 'cosine']"),
+        ("optimizer", "sgd", "['adamw']"),
+        ("mixed_precision", "fp8", "['no', 'bf16', 'fp16']"),
+        ("steps", 0, "steps=0 must be an integer >= 1"),
+        ("lr", -1.0, "lr=-1.0 must be > 0"),
+        ("lr", float("nan"), "must be a finite number"),
+        ("warmup_ratio", 1.0, "must be in [0, 1)"),
+        ("warmup_steps", 20, "must be <= steps"),
+        ("betas", (0.9, 1.5), "betas"),
+        ("gradient_accumulation_steps", 0, "gradient_accumulation_steps=0"),
+        ("forget_batch_size", True, "forget_batch_size=True"),
+        ("max_grad_norm", -1, "max_grad_norm=-1 must be >= 0"),
+        ("trainable_patterns", "layers", "non-empty list of regexes"),
+        ("trainable_patterns", ["(unclosed"], "not a valid regex"),
+        ("lora", {"rank": 8}, "valid keys: ['r', 'alpha', 'dropout', 'target_modules']"),
+        ("lora", {"r": 0}, "lora.r=0"),
+        ("merge_lora", True, "merge_lora=True needs lora"),
+        ("forget_kwargs", [1], "must be a mapping"),
+        ("log_every", 0, "log_every=0"),
+        ("max_length", 1, "max_length=1"),
+    ],
+)
+def test_invalid_fields_name_the_field_and_choices(field, value, message):
+    with pytest.raises(RetainFirstError, match="train config") as info:
+        TrainConfig(**{"steps": 10, field: value})
+    assert message in str(info.value)
+
+
+def test_dict_round_trip_and_json_file(tmp_path):
+    cfg = TrainConfig(
+        steps=7,
+        lr=2e-5,
+        betas=[0.8, 0.95],
+        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        trainable_patterns=[r"layers\.1\."],
+        synthesizer_options={"keep_retain_where_forget_zero": True},
+    )
+    assert cfg.betas == (0.8, 0.95)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    cfg.save(tmp_path / "train_config.json")
+    assert TrainConfig.load(tmp_path / "train_config.json") == cfg
+
+
+def test_from_dict_rejects_unknown_fields_listing_valid_ones():
+    with pytest.raises(RetainFirstError, match=r"unknown train config field\(s\) \['learning_rate'\].*'lr'"):
+        TrainConfig.from_dict({"learning_rate": 1e-5})
+
+
+def test_warmup_steps_override_ratio():
+    assert TrainConfig(steps=100, warmup_ratio=0.1).num_warmup_steps == 10
+    assert TrainConfig(steps=100, warmup_ratio=0.1, warmup_steps=3).num_warmup_steps == 3
+
+
+def test_training_fields_ignore_bookkeeping():
+    a = TrainConfig(steps=5, checkpoint_every=1, disable_progress=True)
+    b = TrainConfig(steps=5, checkpoint_every=0)
+    assert a.training_fields() == b.training_fields()
+    assert a.training_fields() != TrainConfig(steps=6).training_fields()
