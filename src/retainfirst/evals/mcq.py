@@ -22,8 +22,9 @@ Few-shot examples come from ``fewshot_pool`` (e.g. MMLU's dev split: the first k
 same subject, as lm-eval's ``first_n`` sampler) or, without a pool, k other questions of the same
 subject drawn with a seeded RNG (never the question itself).
 
-Batches are right-padded; the score of a row is read at its own last real position, so results do
-not depend on the batch size. Only the needed positions' log-probs are kept, never [B, T, V].
+Batches are right-padded and run without an attention mask (as lm-eval does): causal attention
+keeps real tokens away from the trailing pads, and each row is read at its own positions, so
+results do not depend on the batch size. Only the needed positions' log-probs are kept, never [B, T, V].
 """
 
 from __future__ import annotations
@@ -162,22 +163,21 @@ class _Scorer:
         self.selective = True  # logits_to_keep with per-row positions (transformers >= 4.56)
         self.share_prefix = share_prefix
 
-    def _selected_logits(self, input_ids, attention_mask, positions) -> torch.Tensor:
-        """Logits [B, K, V] at ``positions`` [B, K]; only those positions are projected when possible."""
+    def _selected_logits(self, input_ids, positions) -> torch.Tensor:
+        """Logits [B, K, V] at ``positions`` [B, K]; only those positions are projected when possible.
+
+        No attention mask is passed: padding is on the right, so causal attention already keeps
+        every real token away from it, and the unmasked causal kernel is much faster.
+        """
         if self.selective:
             try:
-                logits = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    logits_to_keep=positions,
-                    use_cache=False,
-                ).logits
+                logits = self.model(input_ids=input_ids, logits_to_keep=positions, use_cache=False).logits
                 if logits.shape[:2] == positions.shape:
                     return logits
             except TypeError:
                 pass
             self.selective = False
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
         return torch.take_along_dim(logits, positions[..., None], dim=1)
 
     def run(self, requests: Sequence[_Request], groups: Sequence[object] | None = None) -> list[list[float]]:
@@ -209,24 +209,22 @@ class _Scorer:
         return [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 
     def _pack(self, chunk: list[_Request], offset: int):
-        """Right-padded ids/mask of ``ids[offset:]``, positions - offset, and the pick indices."""
+        """Right-padded ``ids[offset:]``, positions - offset, and the pick indices."""
         length = max(len(r.ids) for r in chunk) - offset
         width = max(len(r.positions) for r in chunk)
         input_ids = torch.full((len(chunk), length), self.pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
         positions = torch.zeros((len(chunk), width), dtype=torch.long)
         rows, cols, tokens = [], [], []
         for row, request in enumerate(chunk):
             ids = request.ids[offset:]
             input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
             padded = request.positions + [request.positions[-1]] * (width - len(request.positions))
             positions[row] = torch.tensor(padded) - offset
             for column, token in request.picks:
                 rows.append(row)
                 cols.append(column)
                 tokens.append(token)
-        return input_ids, attention_mask, positions, (rows, cols, tokens)
+        return input_ids, positions, (rows, cols, tokens)
 
     def _store(self, logits, picks, batch, chunk, results) -> None:
         rows, cols, tokens = picks
@@ -241,10 +239,8 @@ class _Scorer:
         batches = self._batches(indices, requests)
         for batch in self._progress(batches):
             chunk = [requests[i] for i in batch]
-            input_ids, attention_mask, positions, picks = self._pack(chunk, 0)
-            logits = self._selected_logits(
-                input_ids.to(self.device), attention_mask.to(self.device), positions.to(self.device)
-            )
+            input_ids, positions, picks = self._pack(chunk, 0)
+            logits = self._selected_logits(input_ids.to(self.device), positions.to(self.device))
             self._store(logits, picks, batch, chunk, results)
 
     def _run_shared(self, requests, indices, prefix_length, results) -> None:
@@ -255,18 +251,14 @@ class _Scorer:
             raise ValueError("model returned no cache")
         for batch in self._progress(self._batches(indices, requests)):
             chunk = [requests[i] for i in batch]
-            input_ids, attention_mask, positions, picks = self._pack(chunk, prefix_length)
+            input_ids, positions, picks = self._pack(chunk, prefix_length)
             batch_cache = copy.deepcopy(cache)
             batch_cache.batch_repeat_interleave(len(chunk))
-            full_mask = torch.cat(
-                [torch.ones(len(chunk), prefix_length, dtype=torch.long), attention_mask], dim=1
-            )
             position_ids = torch.arange(prefix_length, prefix_length + input_ids.shape[1]).expand(
                 len(chunk), -1
             )
             logits = self.model(
                 input_ids=input_ids.to(self.device),
-                attention_mask=full_mask.to(self.device),
                 position_ids=position_ids.to(self.device),
                 past_key_values=batch_cache,
                 use_cache=True,

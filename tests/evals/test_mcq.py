@@ -1,0 +1,192 @@
+"""MCQ scoring: exact prompts, brute-force agreement (letter and option), padding, prefix sharing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from retainfirst.data import MCQuestion
+from retainfirst.errors import RetainFirstError
+from retainfirst.evals.mcq import _stderr, build_prompt, evaluate_mcq, select_fewshot
+from retainfirst.models import build_tiny_llama
+
+QUESTIONS = [
+    MCQuestion(" What is 2+2? ", ["3", "4", "5", "22"], 1, "elementary_mathematics"),
+    MCQuestion("Which is a prime?", ["9", "15", "7", "21"], 2, "elementary_mathematics"),
+    MCQuestion("Pick the vowel.", ["b", "e", "k", "z"], 1, "english_grammar"),
+    MCQuestion("Opposite of hot?", ["warm", "cold and icy", "red", "big"], 1, "english_grammar"),
+    MCQuestion("H2O is?", ["salt", "iron", "water", "gold"], 2, "high_school_chemistry"),
+    MCQuestion("3*3?", ["9", "6", "33", "1"], 0, "elementary_mathematics"),
+    MCQuestion("Sky colour?", ["green", "blue", "red", "black"], 1, "english_grammar"),
+    MCQuestion("Ten minus one?", ["8", "1", "11", "9"], 3, "elementary_mathematics"),
+]
+
+
+def letter_tokenizer():
+    """Byte-level BPE where " A".." D" are single tokens, as in GPT-2 style vocabularies."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges = [("Ġ", letter) for letter in "ABCD"]
+    for first, second in merges:
+        vocab[first + second] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+@pytest.fixture(scope="module")
+def single_token_setup():
+    tokenizer = letter_tokenizer()
+    assert len(tokenizer(" A")["input_ids"]) == 1
+    model = build_tiny_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=1).eval()
+    return model, tokenizer
+
+
+def brute_force(model, tokenizer, prompt: str, continuation: str) -> float:
+    """log p(continuation | prompt) with one unbatched, unpadded forward (lm-eval's tokenisation)."""
+    context = tokenizer(prompt)["input_ids"]
+    whole = tokenizer(prompt + continuation)["input_ids"]
+    cont = whole[len(context) :]
+    with torch.no_grad():
+        logits = model(torch.tensor([context + cont])).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return sum(logprobs[len(context) - 1 + j, token].item() for j, token in enumerate(cont))
+
+
+def test_prompt_zero_shot_exact():
+    assert build_prompt(QUESTIONS[0]) == (
+        "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+        "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer:"
+    )
+
+
+def test_prompt_one_shot_exact():
+    assert build_prompt(QUESTIONS[1], [QUESTIONS[0]]) == (
+        "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+        "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 22\nAnswer: B\n\n"
+        "Which is a prime?\nA. 9\nB. 15\nC. 7\nD. 21\nAnswer:"
+    )
+
+
+def test_fewshot_from_pool_takes_first_k_of_subject_and_sampling_excludes_self():
+    pool = [MCQuestion(f"dev{i}", ["a", "b", "c", "d"], 0, "english_grammar") for i in range(3)]
+    pool.append(MCQuestion("devm", ["a", "b", "c", "d"], 0, "elementary_mathematics"))
+    shots = select_fewshot(QUESTIONS[2:4], 2, pool)
+    assert shots == [pool[:2], pool[:2]]
+    without_chemistry = [q for q in QUESTIONS if q.subject != "high_school_chemistry"]
+    sampled = select_fewshot(without_chemistry, 2, seed=5)
+    for question, examples in zip(without_chemistry, sampled, strict=True):
+        assert len(examples) == 2
+        assert all(e.subject == question.subject and e is not question for e in examples)
+    assert sampled == select_fewshot(without_chemistry, 2, seed=5)
+    with pytest.raises(RetainFirstError, match="high_school_chemistry"):
+        select_fewshot(QUESTIONS, 1)
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_letter_mode_single_token_matches_brute_force(single_token_setup, shots):
+    model, tokenizer = single_token_setup
+    questions = [q for q in QUESTIONS if q.subject != "high_school_chemistry"]
+    result = evaluate_mcq(model, tokenizer, questions, shots=shots, batch_size=3, seed=1)
+    assert result.settings["multi_token_fallback"] == 0
+    fewshot = select_fewshot(questions, shots, None, 1)
+    for question, examples, sample in zip(questions, fewshot, result.samples, strict=True):
+        prompt = build_prompt(question, examples)
+        expected = [brute_force(model, tokenizer, prompt, " " + letter) for letter in "ABCD"]
+        assert sample["scores"] == pytest.approx(expected, abs=1e-4)
+        assert sample["pred"] == max(range(4), key=expected.__getitem__)
+
+
+def test_letter_mode_multi_token_letters_match_brute_force(byte_tokenizer, tiny_model):
+    # Byte tokenizer: " A" is two tokens (" ", "A"); still one sequence per question.
+    result = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, batch_size=4)
+    for question, sample in zip(QUESTIONS, result.samples, strict=True):
+        expected = [brute_force(tiny_model, byte_tokenizer, build_prompt(question), " " + c) for c in "ABCD"]
+        assert sample["scores"] == pytest.approx(expected, abs=1e-4)
+    assert result.metrics["acc"] == pytest.approx(sum(s["correct"] for s in result.samples) / len(QUESTIONS))
+
+
+def test_option_mode_matches_brute_force_and_normalises_by_characters(single_token_setup):
+    model, tokenizer = single_token_setup
+    result = evaluate_mcq(model, tokenizer, QUESTIONS, mode="option", batch_size=5)
+    hits, norm_hits = [], []
+    for question, sample in zip(QUESTIONS, result.samples, strict=True):
+        prompt = build_prompt(question)
+        expected = [brute_force(model, tokenizer, prompt, " " + choice) for choice in question.choices]
+        assert sample["scores"] == pytest.approx(expected, abs=1e-4)
+        hits.append(max(range(4), key=expected.__getitem__) == question.answer)
+        normed = [v / len(c) for v, c in zip(expected, question.choices, strict=True)]
+        norm_hits.append(max(range(4), key=normed.__getitem__) == question.answer)
+    assert result.metrics["acc"] == pytest.approx(sum(hits) / len(hits))
+    assert result.metrics["acc_norm"] == pytest.approx(sum(norm_hits) / len(norm_hits))
+
+
+@pytest.mark.parametrize("mode", ["letter", "option"])
+def test_scores_do_not_depend_on_batch_size(byte_tokenizer, tiny_model, mode):
+    one = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, mode=mode, batch_size=1)
+    seven = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, mode=mode, batch_size=7)
+    for a, b in zip(one.samples, seven.samples, strict=True):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+        assert a["pred"] == b["pred"]
+    assert one.metrics == seven.metrics
+
+
+def test_shared_fewshot_prefix_gives_the_same_scores(byte_tokenizer, tiny_model):
+    questions = [q for q in QUESTIONS if q.subject == "elementary_mathematics"] * 2
+    shared = evaluate_mcq(tiny_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=True)
+    full = evaluate_mcq(tiny_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=False)
+    for a, b in zip(shared.samples, full.samples, strict=True):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
+def test_result_metrics_breakdown_and_settings(byte_tokenizer, tiny_model):
+    result = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, task="wmdp_bio", limit=6, seed=3)
+    assert result.task == "wmdp_bio"
+    assert result.n == 6
+    correct = [float(s["correct"]) for s in result.samples]
+    p = sum(correct) / 6
+    assert result.metrics["acc"] == pytest.approx(p)
+    assert result.metrics["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 5))
+    assert set(result.breakdown) == {q.subject for q in QUESTIONS[:6]}
+    assert sum(b["n"] for b in result.breakdown.values()) == 6
+    math_hits = [
+        c for c, q in zip(correct, QUESTIONS[:6], strict=True) if q.subject == "elementary_mathematics"
+    ]
+    assert result.breakdown["elementary_mathematics"]["acc"] == pytest.approx(sum(math_hits) / len(math_hits))
+    for key in ("mode", "shots", "prompt_format", "n", "limit", "seed", "batch_size", "fewshot_source"):
+        assert key in result.settings
+    assert result.settings["limit"] == 6
+    assert tiny_model.training  # the caller's mode is restored
+
+
+def test_stderr_formula():
+    values = [1.0, 0.0, 1.0, 1.0]
+    assert _stderr(values) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert math.isnan(_stderr([1.0]))
+
+
+def test_malformed_inputs(byte_tokenizer, tiny_model):
+    with pytest.raises(RetainFirstError, match="mode 'logits' is not valid"):
+        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, mode="logits")
+    with pytest.raises(RetainFirstError, match="no questions"):
+        evaluate_mcq(tiny_model, byte_tokenizer, [])
+    with pytest.raises(RetainFirstError, match="shots must be >= 0"):
+        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, shots=-1)
+    with pytest.raises(RetainFirstError, match="batch_size must be >= 1"):
+        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, batch_size=0)
+    bad = MCQuestion("Q?", ["a", "b", "c", "d"], 4, "x")
+    with pytest.raises(RetainFirstError, match="question 2 has answer 4 for 4 choices"):
+        evaluate_mcq(tiny_model, byte_tokenizer, [QUESTIONS[0], bad])
+    with pytest.raises(RetainFirstError, match="expected MCQuestion"):
+        evaluate_mcq(tiny_model, byte_tokenizer, [{"question": "Q?"}])
+    with pytest.raises(RetainFirstError, match="fewer than shots=5"):
+        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, shots=5, fewshot_pool=QUESTIONS[:2])
