@@ -24,6 +24,7 @@ from retainfirst.data.facts import (
     load_general_texts,
     load_or_build_fact_benchmark,
     mentions,
+    normalize_words,
     split_facts,
 )
 from retainfirst.errors import RetainFirstError
@@ -43,6 +44,12 @@ def known(families):
 @pytest.fixture(scope="module")
 def bench(known):
     return build_fact_benchmark(None, None, seed=0, known_facts=known)
+
+
+def _phrases(text: str, longest: int = 10) -> set[tuple[str, ...]]:
+    """Every normalised word n-gram of ``text``: fast whole-word "mentions" checks over a corpus."""
+    words = normalize_words(text)
+    return {words[i : i + n] for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
 
 
 def _without_timing(bench: FactBenchmark) -> dict:
@@ -104,12 +111,12 @@ def test_country_subjects_use_the_capital_family_names(families):
 def test_general_texts_are_held_out_from_the_facts(families):
     texts = load_general_texts()
     assert 30 <= len(texts) <= 60
-    joined = "\n".join(texts)
+    phrases = _phrases("\n".join(texts))
     for family in families:
         for fact in family.facts:
-            assert not mentions(joined, fact.subject), (family.name, fact.subject)
+            assert normalize_words(fact.subject) not in phrases, (family.name, fact.subject)
             if family.name in {"capital", "landmark_city", "book_author"}:
-                assert not mentions(joined, fact.object), (family.name, fact.object)
+                assert normalize_words(fact.object) not in phrases, (family.name, fact.object)
 
 
 def _write_family(tmp_path, **changes):
@@ -206,14 +213,14 @@ def test_split_is_disjoint_and_every_family_on_both_sides(bench):
 
 
 def test_forget_corpus_covers_forget_facts_and_never_names_neighbour_answers(bench):
-    forget_text = "\n".join(bench.forget_corpus)
-    retain_text = "\n".join(bench.retain_corpus)
+    forget_text = _phrases("\n".join(bench.forget_corpus))
+    retain_text = _phrases("\n".join(bench.retain_corpus))
     for fact in bench.forget_facts:
-        assert mentions(forget_text, fact.object) and mentions(forget_text, fact.subject)
+        assert normalize_words(fact.object) in forget_text and normalize_words(fact.subject) in forget_text
     for fact in bench.neighbor_facts:
-        assert not mentions(forget_text, fact.object), fact
-        assert not mentions(forget_text, fact.subject), fact
-        assert mentions(retain_text, fact.object)
+        assert normalize_words(fact.object) not in forget_text, fact
+        assert normalize_words(fact.subject) not in forget_text, fact
+        assert normalize_words(fact.object) in retain_text
     # passages mixing two or more facts of one target entity
     multi = [s for s, n in Counter(f.subject for f in bench.forget_facts).items() if n >= 2]
     entity = multi[0]
@@ -247,7 +254,7 @@ def test_filter_tests_qa_then_fb_and_stops_when_a_family_has_enough(families):
         return [f.family != "element_symbol" or f.object in {"Fe", "Cu", "Au", "Ag"} for f in facts]
 
     kept, counts = filter_known_facts(
-        families, qa_for_all_fb_for_metals, seed=0, needed_per_family=5, chunk_size=8
+        families, qa_for_all_fb_for_metals, seed=0, needed_per_family=5, levels=("qa", "fb"), chunk_size=8
     )
     assert calls[0] == {"2"} and calls[1] == {"1"}
     assert counts["capital"] == {"candidates": len(families[0].facts), "tested": 8, "kept": 8}
@@ -262,16 +269,31 @@ def test_empty_or_tiny_known_set_is_a_clear_error():
         split_facts([Fact("capital", "France", "Paris")], 10, 10, seed=0)
 
 
+def test_greedy_filter_scores_like_the_evaluation(monkeypatch, families):
+    """Kept = ROUGE-L recall 1 of the gold answer in the greedy answer (rwku tokenisation, case-sensitive)."""
+    import retainfirst.evals.generation as generation
+
+    answers = ["The chemical symbol of hydrogen is H.", "It is li.", "Symbol: C", ""]
+    monkeypatch.setattr(generation, "generate_greedy", lambda *args, **kwargs: answers)
+
+    class NoTemplate:
+        chat_template = None
+
+    facts = families[3].facts[:4]
+    assert [f.object for f in facts] == ["H", "Li", "B", "C"]
+    probes = [fact_probes(f, families[3].templates, 0)["qa"] for f in facts]
+    greedy = GreedyKnowledgeFilter(None, NoTemplate())
+    assert greedy(facts, probes) == [True, False, False, False]
+
+
 def test_random_tiny_model_knows_nothing(tiny_model, byte_tokenizer, families):
     """The real greedy filter, end to end, on a random model: nothing kept -> a clear error."""
     family = families[3]
-    small = FactFamily(family.name, family.relation, family.source, family.templates, family.facts[:4])
-    greedy = GreedyKnowledgeFilter(tiny_model, byte_tokenizer, batch_size=4, max_new_tokens=4)
+    small = FactFamily(family.name, family.relation, family.source, family.templates, family.facts[:3])
+    greedy = GreedyKnowledgeFilter(tiny_model, byte_tokenizer, batch_size=4, max_new_tokens=3)
     assert greedy.prompt_format == "raw"  # byte tokenizer: no chat template
-    probes = [fact_probes(f, small.templates, 0)["qa"] for f in small.facts]
-    assert greedy(small.facts, probes) == [False] * 4
     with pytest.raises(RetainFirstError, match="answered none"):
-        build_fact_benchmark(tiny_model, byte_tokenizer, families=[small], max_new_tokens=4, batch_size=4)
+        build_fact_benchmark(None, None, families=[small], knowledge_filter=greedy)
 
 
 # ----------------------------------------------------------------------------------------------

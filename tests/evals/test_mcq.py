@@ -9,6 +9,7 @@ import torch
 
 from retainfirst.data import MCQuestion
 from retainfirst.errors import RetainFirstError
+from retainfirst.evals import mcq
 from retainfirst.evals.mcq import _stderr, build_prompt, evaluate_mcq, select_fewshot
 from retainfirst.models import build_tiny_llama
 
@@ -43,11 +44,22 @@ def letter_tokenizer():
     )
 
 
+@pytest.fixture
+def small_model(byte_tokenizer):
+    """A 2-layer Llama over bytes: brute-force loops stay fast on a shared CPU."""
+    return build_tiny_llama(
+        len(byte_tokenizer), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
+    )
+
+
 @pytest.fixture(scope="module")
 def single_token_setup():
     tokenizer = letter_tokenizer()
     assert len(tokenizer(" A")["input_ids"]) == 1
-    model = build_tiny_llama(len(tokenizer), hidden_size=64, num_layers=2, seed=1).eval()
+    model = build_tiny_llama(
+        len(tokenizer), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=1
+    )
+    model.eval()
     return model, tokenizer
 
 
@@ -106,11 +118,11 @@ def test_letter_mode_single_token_matches_brute_force(single_token_setup, shots)
         assert sample["pred"] == max(range(4), key=expected.__getitem__)
 
 
-def test_letter_mode_multi_token_letters_match_brute_force(byte_tokenizer, tiny_model):
+def test_letter_mode_multi_token_letters_match_brute_force(byte_tokenizer, small_model):
     # Byte tokenizer: " A" is two tokens (" ", "A"); still one sequence per question.
-    result = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, batch_size=4)
+    result = evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, batch_size=4)
     for question, sample in zip(QUESTIONS, result.samples, strict=True):
-        expected = [brute_force(tiny_model, byte_tokenizer, build_prompt(question), " " + c) for c in "ABCD"]
+        expected = [brute_force(small_model, byte_tokenizer, build_prompt(question), " " + c) for c in "ABCD"]
         assert sample["scores"] == pytest.approx(expected, abs=1e-4)
     assert result.metrics["acc"] == pytest.approx(sum(s["correct"] for s in result.samples) / len(QUESTIONS))
 
@@ -131,25 +143,36 @@ def test_option_mode_matches_brute_force_and_normalises_by_characters(single_tok
 
 
 @pytest.mark.parametrize("mode", ["letter", "option"])
-def test_scores_do_not_depend_on_batch_size(byte_tokenizer, tiny_model, mode):
-    one = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, mode=mode, batch_size=1)
-    seven = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, mode=mode, batch_size=7)
+def test_scores_do_not_depend_on_batch_size(byte_tokenizer, small_model, mode):
+    one = evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, mode=mode, batch_size=1)
+    seven = evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, mode=mode, batch_size=7)
     for a, b in zip(one.samples, seven.samples, strict=True):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
         assert a["pred"] == b["pred"]
     assert one.metrics == seven.metrics
 
 
-def test_shared_fewshot_prefix_gives_the_same_scores(byte_tokenizer, tiny_model):
+def test_shared_fewshot_prefix_gives_the_same_scores(byte_tokenizer, small_model, monkeypatch):
+    calls = []
+    original = mcq._Scorer._run_shared
+
+    def counting(self, requests, indices, prefix_length, results):
+        calls.append(len(indices))
+        return original(self, requests, indices, prefix_length, results)
+
+    monkeypatch.setattr(mcq._Scorer, "_run_shared", counting)
     questions = [q for q in QUESTIONS if q.subject == "elementary_mathematics"] * 2
-    shared = evaluate_mcq(tiny_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=True)
-    full = evaluate_mcq(tiny_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=False)
+    shared = evaluate_mcq(small_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=True)
+    assert calls and sum(calls) >= 6  # few-shot blocks encoded once per group of questions
+    groups = len(calls)
+    full = evaluate_mcq(small_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=False)
+    assert len(calls) == groups
     for a, b in zip(shared.samples, full.samples, strict=True):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
 
 
-def test_result_metrics_breakdown_and_settings(byte_tokenizer, tiny_model):
-    result = evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, task="wmdp_bio", limit=6, seed=3)
+def test_result_metrics_breakdown_and_settings(byte_tokenizer, small_model):
+    result = evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, task="wmdp_bio", limit=6, seed=3)
     assert result.task == "wmdp_bio"
     assert result.n == 6
     correct = [float(s["correct"]) for s in result.samples]
@@ -165,7 +188,7 @@ def test_result_metrics_breakdown_and_settings(byte_tokenizer, tiny_model):
     for key in ("mode", "shots", "prompt_format", "n", "limit", "seed", "batch_size", "fewshot_source"):
         assert key in result.settings
     assert result.settings["limit"] == 6
-    assert tiny_model.training  # the caller's mode is restored
+    assert small_model.training  # the caller's mode is restored
 
 
 def test_stderr_formula():
@@ -174,19 +197,19 @@ def test_stderr_formula():
     assert math.isnan(_stderr([1.0]))
 
 
-def test_malformed_inputs(byte_tokenizer, tiny_model):
+def test_malformed_inputs(byte_tokenizer, small_model):
     with pytest.raises(RetainFirstError, match="mode 'logits' is not valid"):
-        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, mode="logits")
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, mode="logits")
     with pytest.raises(RetainFirstError, match="no questions"):
-        evaluate_mcq(tiny_model, byte_tokenizer, [])
+        evaluate_mcq(small_model, byte_tokenizer, [])
     with pytest.raises(RetainFirstError, match="shots must be >= 0"):
-        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, shots=-1)
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, shots=-1)
     with pytest.raises(RetainFirstError, match="batch_size must be >= 1"):
-        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, batch_size=0)
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, batch_size=0)
     bad = MCQuestion("Q?", ["a", "b", "c", "d"], 4, "x")
     with pytest.raises(RetainFirstError, match="question 2 has answer 4 for 4 choices"):
-        evaluate_mcq(tiny_model, byte_tokenizer, [QUESTIONS[0], bad])
+        evaluate_mcq(small_model, byte_tokenizer, [QUESTIONS[0], bad])
     with pytest.raises(RetainFirstError, match="expected MCQuestion"):
-        evaluate_mcq(tiny_model, byte_tokenizer, [{"question": "Q?"}])
+        evaluate_mcq(small_model, byte_tokenizer, [{"question": "Q?"}])
     with pytest.raises(RetainFirstError, match="fewer than shots=5"):
-        evaluate_mcq(tiny_model, byte_tokenizer, QUESTIONS, shots=5, fewshot_pool=QUESTIONS[:2])
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, shots=5, fewshot_pool=QUESTIONS[:2])

@@ -557,14 +557,20 @@ def filter_known_facts(
     knowledge_filter: KnowledgeFilter,
     seed: int,
     needed_per_family: int | None,
+    levels: Sequence[str] = ("qa",),
     chunk_size: int = 32,
+    max_tested_per_family: int | None = None,
 ) -> tuple[list[Fact], dict[str, dict[str, int]]]:
-    """Facts whose QA and FB probes both pass ``knowledge_filter``, testing families in chunks.
+    """Facts whose probes of every level in ``levels`` pass ``knowledge_filter``, tested in chunks.
 
-    Each round sends the next ``chunk_size`` candidates of every family that still needs facts in
-    one call (better batching); QA first, FB only for facts that passed QA. ``needed_per_family``
-    None tests every candidate.
+    Each round sends the next candidates of every family that still needs facts in one call (better
+    batching): twice the number still missing, at most ``chunk_size``. Levels are checked in order,
+    each only on the facts that passed the previous one. A family stops at ``needed_per_family``
+    kept facts or ``max_tested_per_family`` tested ones (None: no limit; both None tests all).
     """
+    unknown = [level for level in levels if level not in LEVELS]
+    if not levels or unknown:
+        raise RetainFirstError(f"filter levels {list(levels)!r} must be a non-empty subset of {list(LEVELS)}")
     queues = {family.name: _seeded_order(family.facts, seed) for family in families}
     by_name = {family.name: family for family in families}
     kept: dict[str, list[Fact]] = {family.name: [] for family in families}
@@ -574,19 +580,23 @@ def filter_known_facts(
         for name, queue in queues.items():
             if needed_per_family is not None and len(kept[name]) >= needed_per_family:
                 continue
-            start = tested[name]
-            chunk = queue[start : start + chunk_size]
+            size = chunk_size
+            if needed_per_family is not None:  # expect about half to pass: test twice what is missing
+                size = min(chunk_size, 2 * (needed_per_family - len(kept[name])))
+            if max_tested_per_family is not None:
+                size = min(size, max_tested_per_family - tested[name])
+            chunk = queue[tested[name] : tested[name] + max(size, 0)]
             tested[name] += len(chunk)
             batch.extend(chunk)
         if not batch:
             break
         probes = [fact_probes(fact, by_name[fact.family].templates, seed) for fact in batch]
-        qa_ok = knowledge_filter(batch, [p["qa"] for p in probes])
-        survivors = [i for i, ok in enumerate(qa_ok) if ok]
-        fb_ok = knowledge_filter([batch[i] for i in survivors], [probes[i]["fb"] for i in survivors])
-        for index, ok in zip(survivors, fb_ok, strict=True):
-            if ok:
-                kept[batch[index].family].append(batch[index])
+        survivors = list(range(len(batch)))
+        for level in levels:
+            passed = knowledge_filter([batch[i] for i in survivors], [probes[i][level] for i in survivors])
+            survivors = [i for i, ok in zip(survivors, passed, strict=True) if ok]
+        for index in survivors:
+            kept[batch[index].family].append(batch[index])
     facts: list[Fact] = []
     counts: dict[str, dict[str, int]] = {}
     for family in families:
@@ -836,7 +846,9 @@ def build_fact_benchmark(
     known_facts: Iterable[Fact | tuple[str, str]] | None = None,
     knowledge_filter: KnowledgeFilter | None = None,
     exhaustive: bool = False,
-    filter_slack: float = 1.5,
+    filter_levels: Sequence[str] = ("qa",),
+    filter_slack: float = 1.3,
+    max_tested_factor: float = 3.0,
     families: Sequence[FactFamily] | None = None,
     mmlu_per_subject: int = 5,
     model_name: str | None = None,
@@ -844,8 +856,10 @@ def build_fact_benchmark(
     """Build the benchmark for ``model``: filter known facts, split, write corpora and probes.
 
     ``known_facts`` (family, subject pairs) or ``knowledge_filter`` replace the greedy check (tests,
-    other models). Without ``exhaustive`` each family stops once it has
-    ``ceil(filter_slack * (n_forget + n_retain) / n_families)`` kept facts.
+    other models). ``filter_levels`` are the probe levels a fact must pass ("qa" by default; add
+    "fb" for a stricter, slower filter). Without ``exhaustive`` each family stops once it has
+    ``needed = ceil(filter_slack * (n_forget + n_retain) / n_families)`` kept facts or has tested
+    ``max_tested_factor * needed`` candidates: on two CPU cores each tested probe costs ~0.15 s.
     """
     if n_forget < 1 or n_retain < 1:
         raise RetainFirstError(f"n_forget and n_retain must be >= 1, got {n_forget} and {n_retain}")
@@ -866,11 +880,14 @@ def build_fact_benchmark(
             prompt_format=prompt_format,
         )
         knowledge_filter = greedy
-        filter_settings = {"kind": "greedy", "levels": ["2", "1"], **greedy.settings()}
+        filter_settings = {"kind": "greedy", **greedy.settings()}
     else:
         filter_settings = {"kind": getattr(knowledge_filter, "__name__", type(knowledge_filter).__name__)}
     needed = None if exhaustive else math.ceil(filter_slack * (n_forget + n_retain) / len(families))
-    kept, counts = filter_known_facts(families, knowledge_filter, seed, needed)
+    max_tested = None if needed is None else math.ceil(max_tested_factor * needed)
+    kept, counts = filter_known_facts(
+        families, knowledge_filter, seed, needed, filter_levels, batch_size, max_tested
+    )
     forget, neighbors = split_facts(kept, n_forget, n_retain, seed)
 
     templates_of = {family.name: family.templates for family in families}
@@ -903,7 +920,13 @@ def build_fact_benchmark(
         "families": counts,
         "kept_total": len(kept),
         "prompt_format": filter_settings.get("prompt_format", prompt_format),
-        "filter": {**filter_settings, "exhaustive": exhaustive, "needed_per_family": needed},
+        "filter": {
+            **filter_settings,
+            "levels": [LEVELS[level] for level in filter_levels],
+            "exhaustive": exhaustive,
+            "needed_per_family": needed,
+            "max_tested_per_family": max_tested,
+        },
         "corpus": {
             "forget_passages": len(forget_corpus),
             "retain_passages": len(retain_corpus),

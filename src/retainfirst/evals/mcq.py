@@ -53,6 +53,7 @@ PROMPT_FORMAT = (
 )
 DEFAULT_MAX_LENGTH = 2048
 MIN_SHARED_PREFIX = 64  # tokens; shorter prefixes cost more (an extra small forward) than they save
+SHARED_FRACTION = 0.5  # and the prefix must be at least this share of the requests' mean length
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,8 +194,16 @@ class _Scorer:
                 else:
                     members[group].append(index)
             for indices in members.values():
-                prefix = _shared_prefix_length([requests[i] for i in indices]) if len(indices) > 1 else 0
-                if prefix >= MIN_SHARED_PREFIX and self.share_prefix:
+                group_requests = [requests[i] for i in indices]
+                prefix = _shared_prefix_length(group_requests) if len(indices) > 1 else 0
+                mean_length = sum(len(r.ids) for r in group_requests) / len(group_requests)
+                # Worth it only for a long prefix that makes up most of each request (a few-shot
+                # block): the group then runs in its own small batches instead of mixed ones.
+                if (
+                    prefix >= MIN_SHARED_PREFIX
+                    and prefix >= SHARED_FRACTION * mean_length
+                    and self.share_prefix
+                ):
                     try:
                         self._run_shared(requests, indices, prefix, results)
                         continue
