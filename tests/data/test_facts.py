@@ -262,6 +262,19 @@ def test_filter_tests_qa_then_fb_and_stops_when_a_family_has_enough(families):
     assert {f.object for f in kept if f.family == "element_symbol"} == {"Fe", "Cu", "Au", "Ag"}
 
 
+def test_filter_caps_the_candidates_tested_per_family(families):
+    def knows_nothing(facts, probes):
+        return [False] * len(probes)
+
+    kept, counts = filter_known_facts(
+        families, knows_nothing, seed=0, needed_per_family=5, chunk_size=4, max_tested_per_family=7
+    )
+    assert kept == []
+    assert all(c["tested"] == 7 for c in counts.values())
+    with pytest.raises(RetainFirstError, match="filter levels"):
+        filter_known_facts(families, knows_nothing, seed=0, needed_per_family=5, levels=("blank",))
+
+
 def test_empty_or_tiny_known_set_is_a_clear_error():
     with pytest.raises(RetainFirstError, match="answered none of the candidate facts"):
         split_facts([], 10, 10, seed=0)

@@ -9,11 +9,13 @@ languages, currencies). Each family carries templates for the three RWKU probe l
 
 Build steps (:func:`build_fact_benchmark`), all deterministic from ``seed``:
 
-1. **Knowledge filter.** A fact is kept only if the model answers both its question probe and its
-   fill-in-the-blank probe correctly, scored *exactly as the evaluation scores them*
+1. **Knowledge filter.** A fact is kept only if the model answers its question probe (optionally
+   also its fill-in-the-blank probe) correctly, scored *exactly as the evaluation scores it*
    (:mod:`retainfirst.evals.generation`: RWKU instruction in the chat template, greedy, ROUGE-L
-   recall of the gold answer = 1). Candidates are tested in a seeded order and a family stops once
-   it has enough kept facts, so the build stays fast on CPU (``exhaustive=True`` tests all).
+   recall of the gold answer = 1). SmolLM2-135M-Instruct answers far more often in this chat
+   format than as a plain completion. Candidates are tested in a seeded order and a family stops
+   once it has enough kept facts (or has tested a capped number), so the build stays short on CPU
+   (``exhaustive=True`` tests all).
 2. **Split.** Kept entities (subjects) go either to the forget targets or to the neighbours (the
    retain side), never both, balanced over families. A neighbour fact is dropped if its subject or
    object is mentioned by a forget fact, so forgetting one side cannot be scored on the other.

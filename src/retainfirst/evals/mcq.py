@@ -175,8 +175,8 @@ class _Scorer:
                 logits = self.model(input_ids=input_ids, logits_to_keep=positions, use_cache=False).logits
                 if logits.shape[:2] == positions.shape:
                     return logits
-            except TypeError:
-                pass
+            except (TypeError, ValueError, IndexError, RuntimeError):
+                pass  # a model without per-row logits_to_keep: project every position instead
             self.selective = False
         logits = self.model(input_ids=input_ids, use_cache=False).logits
         return torch.take_along_dim(logits, positions[..., None], dim=1)
