@@ -116,14 +116,18 @@ def main() -> None:
     for name in args.models.split(","):
         rows.append(bench_model(name, questions, args.shots, args.batch_size, args.seed))
         print(json.dumps(rows[-1]), flush=True)
-    header = "| model | shots | n | retainfirst q/s | lm-eval q/s | speed ratio | acc ours | acc lm-eval | |Δacc| pts | max |Δll| | same pred |"
+    header = (
+        "| model | shots | n | retainfirst q/s | lm-eval q/s | speed ratio | acc ours | acc lm-eval "
+        "| |Δacc| pts | max |Δll| | same pred |"
+    )
     print(header)
     print("|" + "---|" * 11)
     for r in rows:
         print(
             f"| {r['model']} | {r['shots']} | {r['n']} | {r['ours_qps']:.2f} | {r['lm_eval_qps']:.2f} | "
             f"{r['speed_ratio']:.2f}x | {r['acc_ours'] * 100:.1f} | {r['acc_lm_eval'] * 100:.1f} | "
-            f"{r['acc_diff_points']:.2f} | {r['max_abs_loglik_diff']:.2e} | {r['same_prediction'] * 100:.1f}% |"
+            f"{r['acc_diff_points']:.2f} | {r['max_abs_loglik_diff']:.2e} | "
+            f"{r['same_prediction'] * 100:.1f}% |"
         )
     if args.json:
         with open(args.json, "w") as handle:

@@ -141,7 +141,13 @@ def tiny_facts_setup(tiny_setup, tmp_path):
     bench.save(tmp_path / "bench.json")
     config = yaml.safe_load(tiny_setup.read_text())
     config["data"] = {"source": "facts", "benchmark": str(tmp_path / "bench.json"), "max_length": 16}
-    config["eval"] = {"tasks": ["facts", "mmlu"], "mmlu_limit": 2, "max_new_tokens": 3, "batch_size": 8}
+    config["eval"] = {
+        "tasks": ["facts", "mmlu", "perplexity"],
+        "mmlu_limit": 2,
+        "max_new_tokens": 3,
+        "batch_size": 8,
+        "ppl_max_length": 64,
+    }
     path = tmp_path / "tiny_facts.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -260,6 +266,12 @@ def test_sweep_grid_families_and_verdict(tiny_facts_setup, tmp_path, capsys):
     for name in PLOTS:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert json.loads((out / "status.json").read_text())["grid"] == ["synthesizer=sum,sago", "alpha=0.5,1"]
+    # resuming a finished sweep needs only the directory: config and grid come from it
+    mtime = (out / "runs" / "sum-alpha1" / "metrics.jsonl").stat().st_mtime_ns
+    assert cli.main(["sweep", "--resume", "--out", str(out)]) == 0
+    assert (out / "runs" / "sum-alpha1" / "metrics.jsonl").stat().st_mtime_ns == mtime
+    assert cli.main(["run", "--resume", "--out", str(out)]) == 2
+    assert "holds a `sweep` run" in _one_error_line(capsys)
     # grid keys must be training settings
     assert cli.main(["sweep", str(tiny_setup), "model=a,b", "--out", str(tmp_path / "s2")]) == 2
     capsys.readouterr()

