@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -188,6 +189,9 @@ class Prepared:
     general_texts: list[str] = field(default_factory=list)
     mia_texts: tuple[list[str], list[str]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # Generation settings the probes were validated with (the facts benchmark's eval_settings), so the
+    # "before" score of a kept fact is the score the knowledge filter saw.
+    probe_settings: dict[str, Any] = field(default_factory=dict)
 
 
 def _data_path(config: RunConfig, name: str) -> str:
@@ -254,6 +258,7 @@ def prepare(
 
     if "facts" in ev.tasks:
         prep.probes |= {name: limited(p, ev.probe_limit) for name, p in bench.probes.items()}
+        prep.probe_settings = dict(getattr(bench, "eval_settings", {}))
     if "rwku" in ev.tasks:
         prep.probes |= {f"rwku_{name}": limited(p, ev.probe_limit) for name, p in rwku.probes.items()}
     if "mmlu" in ev.tasks:
@@ -340,9 +345,9 @@ def evaluate(model: Any, tokenizer: Any, config: RunConfig, prep: Prepared, labe
                     tokenizer,
                     probes,
                     task=task,
-                    max_new_tokens=ev.max_new_tokens,
                     batch_size=ev.batch_size,
                     progress=True,
+                    **{"max_new_tokens": ev.max_new_tokens, **prep.probe_settings},
                 )
             )
         if prep.mmlu:
@@ -881,9 +886,17 @@ def error_exit(message: str) -> int:
     return EXIT_USAGE
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``retainfirst`` console script; returns the exit code."""
     parser = build_parser()
+    # A `kill` (SIGTERM) unwinds like Ctrl-C, so status.json records the interrupted sub-run as failed.
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: keep the default handler
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         # Overrides may follow options (run CONFIG --out DIR key=value): collect the leftovers.
         args, extra = parser.parse_known_args(argv)
@@ -898,6 +911,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

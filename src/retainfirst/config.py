@@ -71,8 +71,8 @@ class DataConfig:
     dir: str | None = None  # base folder for relative data paths (WMDP/RWKU data); also used by eval
     benchmark: str | None = None  # facts: a saved benchmark file; None = build it from the model
     benchmark_seed: int = 0
-    n_forget: int = 24  # facts: forget facts (each gives FB, QA and adversarial probes)
-    n_retain: int = 24  # facts: neighbour facts (FB and QA probes), whose passages are the retain set
+    n_forget: int = 16  # facts: forget facts (each gives FB, QA and adversarial probes)
+    n_retain: int = 16  # facts: neighbour facts (FB and QA probes), whose passages are the retain set
     forget: str | None = None  # corpus: forget texts
     retain: str | None = None  # corpus: retain texts
     text_field: str = "text"
@@ -113,9 +113,10 @@ def _demo_train() -> TrainConfig:
     passages start near 3-4 nats/token, so beta = 0.25 keeps that weight around 0.6 (measured:
     forget gradient norm ~5 vs retain ~4-10) and lets it decay as the facts are forgotten. With
     beta = 2.5 (SimNPO's TOFU value) the weight is ~1e-3 here and nothing is forgotten (measured).
-    Measured (two shared CPU cores, 24 steps of ~4 s, sum): forget recall 0.51 -> 0.15, neighbor
-    0.65 -> 0.73, MMLU 0.325 -> 0.325, ppl 30.1 -> 35.2. To make sum hurt retention more, lower
-    alpha (the paper's SimNPO ratio is alpha = 0.1, gamma = 1).
+    With alpha = gamma = 1 (measured, two shared CPU cores, 24 steps of ~4 s, sum): forget recall
+    0.51 -> 0.15 but neighbor 0.65 -> 0.73, MMLU 0.325 -> 0.325: the retain gradient dominates and
+    there is no conflict to resolve. The demo uses the paper's SimNPO weighting (alpha = 0.1,
+    gamma = 1), where the naive sum lets forgetting damage retention.
     """
     return TrainConfig(
         steps=24,
@@ -126,7 +127,7 @@ def _demo_train() -> TrainConfig:
         retain_batch_size=4,
         max_grad_norm=1.0,
         synthesizer="sago",
-        alpha=1.0,
+        alpha=0.1,
         gamma=1.0,
         forget_loss="simnpo",
         forget_kwargs={"beta": 0.25, "delta": 0.0},
