@@ -194,6 +194,11 @@ class Prepared:
     probe_settings: dict[str, Any] = field(default_factory=dict)
 
 
+# Differences the report treats as ties when comparing Pareto fronts: 0.02 ROUGE-L recall (about one
+# probe in 50) and 1 point of utility recovery; below that, evaluation noise would decide the verdict.
+VERDICT_MARGIN = (0.02, 1.0)
+
+
 def _data_path(config: RunConfig, name: str) -> str:
     """A data file relative to ``data.dir`` when that exists there, else as given (path or hub id)."""
     if config.data.dir and not Path(name).is_absolute():
@@ -559,7 +564,7 @@ class Executor:
             )
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in merged))
         points = [(r.forget_score, r.utility) for r in runs]
-        comparison = compare_families(points, [r.family for r in runs])
+        comparison = compare_families(points, [r.family for r in runs], margin=VERDICT_MARGIN)
         if any(math.isfinite(x) and math.isfinite(y) for x, y in points):
             verdict = comparison.verdict()
         else:

@@ -119,3 +119,20 @@ def test_compare_families_no_dominance():
 def test_compare_families_length_mismatch():
     with pytest.raises(ValueError, match="2 points but 1"):
         compare_families([(0, 0), (1, 1)], ["a"])
+
+
+def test_margin_turns_noise_sized_differences_into_ties():
+    a, b = [(0.50, 100.3)], [(0.50, 100.0)]
+    assert front_dominates(a, b)
+    assert not front_dominates(a, b, margin=(0.02, 1.0))
+    assert not front_dominates(b, a, margin=(0.02, 1.0))
+    # a clear win still counts, and a point only slightly worse than the winner stays covered
+    assert front_dominates([(0.20, 99.5)], [(0.60, 100.0)], margin=(0.02, 1.0))
+    assert not front_dominates([(0.20, 97.0)], [(0.60, 100.0)], margin=(0.02, 1.0))
+
+
+def test_compare_families_with_margin_reports_no_winner_on_noise():
+    comparison = compare_families([(0.5, 100.0), (0.5, 100.2)], ["sum", "sago"], margin=(0.02, 1.0))
+    assert comparison.dominance == []
+    assert comparison.best is None
+    assert "count as ties" in comparison.verdict()

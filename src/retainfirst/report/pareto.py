@@ -36,19 +36,27 @@ def pareto_front(points: Sequence[Point]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1], i))
 
 
-def front_dominates(front_a: Sequence[Point], front_b: Sequence[Point]) -> bool:
+def front_dominates(front_a: Sequence[Point], front_b: Sequence[Point], margin: Point = (0.0, 0.0)) -> bool:
     """True when every point of ``front_b`` is weakly dominated by some point of ``front_a``, and
-    at least one is strictly dominated (so two identical fronts do not dominate each other)."""
+    at least one is strictly dominated (so two identical fronts do not dominate each other).
+
+    ``margin`` = (forget, utility) differences too small to count (measurement noise): within it a
+    point counts as covered, and "strictly" means better by more than the margin in one objective.
+    """
     a = [p for p in front_a if _finite(p)]
     b = [p for p in front_b if _finite(p)]
     if not a or not b:
         return False
+    m_forget, m_utility = margin
 
     def weakly(p: Point, q: Point) -> bool:
-        return p[0] <= q[0] and p[1] >= q[1]
+        return p[0] <= q[0] + m_forget and p[1] >= q[1] - m_utility
+
+    def clearly(p: Point, q: Point) -> bool:
+        return weakly(p, q) and (p[0] < q[0] - m_forget or p[1] > q[1] + m_utility)
 
     every_covered = all(any(weakly(p, q) for p in a) for q in b)
-    some_strict = any(any(dominates(p, q) for p in a) for q in b)
+    some_strict = any(any(clearly(p, q) for p in a) for q in b)
     return every_covered and some_strict
 
 
@@ -81,10 +89,16 @@ class FamilyComparison:
     dominance: list[tuple[str, str]]  # (winner, loser): winner's front dominates loser's
     best: str | None  # family whose front dominates every other one, if any
     reference: Point
+    margin: Point = (0.0, 0.0)  # differences treated as noise when comparing fronts
 
     def verdict(self, baseline: str = "sum") -> str:
         """One or two sentences answering: does reshaping the gradient beat the best loss weighting?"""
         parts: list[str] = []
+        if self.margin != (0.0, 0.0):
+            parts.append(
+                f"(Differences below {self.margin[0]:g} in forget score or {self.margin[1]:g} points of "
+                "utility count as ties.)"
+            )
         if self.best is not None:
             parts.append(f"The {self.best} front dominates every other family's front.")
         elif self.dominance:
@@ -105,8 +119,13 @@ class FamilyComparison:
         return " ".join(parts)
 
 
-def compare_families(points: Sequence[Point], families: Sequence[str]) -> FamilyComparison:
-    """Group points by family, compute each family's own front and the pairwise dominance."""
+def compare_families(
+    points: Sequence[Point], families: Sequence[str], margin: Point = (0.0, 0.0)
+) -> FamilyComparison:
+    """Group points by family, compute each family's own front and the pairwise dominance.
+
+    ``margin`` (forget, utility): differences that small are ties, so noise never decides a verdict.
+    """
     if len(points) != len(families):
         raise ValueError(f"{len(points)} points but {len(families)} family labels")
     finite = [p for p in points if _finite(p)]
@@ -125,11 +144,11 @@ def compare_families(points: Sequence[Point], families: Sequence[str]) -> Family
         (a, b)
         for a in fronts
         for b in fronts
-        if a != b and front_dominates([points[i] for i in fronts[a]], [points[i] for i in fronts[b]])
+        if a != b and front_dominates([points[i] for i in fronts[a]], [points[i] for i in fronts[b]], margin)
     ]
     others = set(fronts)
     best = next(
         (fam for fam in fronts if all((fam, o) in dominance for o in others - {fam}) and len(others) > 1),
         None,
     )
-    return FamilyComparison(fronts, hyper, dominance, best, reference)
+    return FamilyComparison(fronts, hyper, dominance, best, reference, margin)
