@@ -106,6 +106,13 @@ def unlearn(
             f"{out_dir} already holds checkpoints of a run; "
             "pass resume=True to continue it or use a new out_dir"
         )
+    if resume_from is not None and is_fsdp:
+        # Checkpoints hold the gathered model but only rank 0's optimizer shard: resuming would
+        # silently restart the other ranks' Adam moments, so refuse rather than diverge.
+        raise RetainFirstError(
+            "resuming an FSDP run is not supported yet (checkpoints keep only rank 0's optimizer shard); "
+            f"start a new run from the weights in {resume_from}"
+        )
     saved_state = load_training_state(resume_from) if resume_from is not None else None
     if saved_state is not None:
         check_same_run(saved_state["config"], cfg, resume_from, world, saved_state["num_processes"])
