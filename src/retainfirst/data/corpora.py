@@ -215,19 +215,25 @@ def _split_plain_text(path: Path, txt_split: str) -> list[str]:
     return blocks
 
 
-def _load_hub_texts(dataset_id: str, field: str, *, split: str, config: str | None) -> list[str]:
+def load_hub_dataset(dataset_id: str, config: str | None, split: str) -> Any:
+    """One split of a Hugging Face dataset; a missing hub extra or a failed load is a one-line error."""
     try:
         import datasets
     except ImportError:
         raise RetainFirstError(
-            f"{dataset_id!r} is not a local file; loading Hugging Face datasets needs the hub extra: "
+            f"{dataset_id!r} is not a local path; loading it from the Hugging Face hub needs the hub extra: "
             "pip install 'retainfirst[hub]'"
         ) from None
     try:
-        dataset = datasets.load_dataset(dataset_id, config, split=split)
+        return datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # offline, unknown id, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RetainFirstError(f"could not load dataset {dataset_id!r} (split {split!r}): {first}") from None
+        where = f"config {config!r}, split {split!r}" if config else f"split {split!r}"
+        raise RetainFirstError(f"could not load dataset {dataset_id!r} ({where}): {first}") from None
+
+
+def _load_hub_texts(dataset_id: str, field: str, *, split: str, config: str | None) -> list[str]:
+    dataset = load_hub_dataset(dataset_id, config, split)
     if field not in dataset.column_names:
         raise RetainFirstError(
             f"dataset {dataset_id!r} has no field {field!r}; columns: {', '.join(dataset.column_names)}"

@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retainfirst.data.corpora import RECORD_SUFFIXES, read_records, require_field, require_text
+from retainfirst.data.corpora import (
+    RECORD_SUFFIXES,
+    load_hub_dataset,
+    read_records,
+    require_field,
+    require_text,
+)
 from retainfirst.errors import RetainFirstError
 
 logger = logging.getLogger(__name__)
@@ -281,18 +287,7 @@ def load_mcq(
 
 
 def _load_hub_mcq(dataset_id: str, config: str | None, split: str, subject: str | None) -> list[MCQuestion]:
-    try:
-        import datasets
-    except ImportError:
-        raise RetainFirstError(
-            f"{dataset_id!r} is not a local path; loading it from the Hugging Face hub needs the hub extra: "
-            "pip install 'retainfirst[hub]'"
-        ) from None
-    try:
-        dataset = datasets.load_dataset(dataset_id, config, split=split)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RetainFirstError(f"could not load {dataset_id!r} ({config}, {split}): {first}") from None
+    dataset = load_hub_dataset(dataset_id, config, split)
     source = f"hub:{dataset_id}/{config}"
     return parse_records(enumerate(dataset, start=1), source, layout="cais", subject=subject)
 
