@@ -355,22 +355,10 @@ def evaluate(model: Any, tokenizer: Any, config: RunConfig, prep: Prepared, labe
                     **{"max_new_tokens": ev.max_new_tokens, **prep.probe_settings},
                 )
             )
-        if prep.mmlu:
-            _say(f"[{label}] mmlu: {len(prep.mmlu)} questions ({ev.mcq_mode}, {ev.mmlu_shots}-shot)")
-            results.append(
-                evaluate_mcq(
-                    model,
-                    tokenizer,
-                    prep.mmlu,
-                    task="mmlu",
-                    mode=ev.mcq_mode,
-                    shots=ev.mmlu_shots,
-                    batch_size=ev.batch_size,
-                    progress=True,
-                )
-            )
-        for task, questions in prep.wmdp.items():
-            _say(f"[{label}] {task}: {len(questions)} questions")
+        mcq_sets = [("mmlu", prep.mmlu, ev.mmlu_shots)] if prep.mmlu else []
+        mcq_sets += [(task, questions, ev.wmdp_shots) for task, questions in prep.wmdp.items()]
+        for task, questions, shots in mcq_sets:
+            _say(f"[{label}] {task}: {len(questions)} questions ({ev.mcq_mode}, {shots}-shot)")
             results.append(
                 evaluate_mcq(
                     model,
@@ -378,7 +366,7 @@ def evaluate(model: Any, tokenizer: Any, config: RunConfig, prep: Prepared, labe
                     questions,
                     task=task,
                     mode=ev.mcq_mode,
-                    shots=ev.wmdp_shots,
+                    shots=shots,
                     batch_size=ev.batch_size,
                     progress=True,
                 )
