@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -23,7 +22,6 @@ import re
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +30,11 @@ from typing import Any
 from retainfirst import config as cfgmod
 from retainfirst.config import RunConfig, SubRun, load_config, parse_grid, plan_runs, to_dict, to_yaml
 from retainfirst.errors import RetainFirstError
-from retainfirst.report.files import atomic_write_json, atomic_write_text
+from retainfirst.experiment.rundir import CONFIG_FILE, RunDir
+from retainfirst.io import atomic_write_json, atomic_write_text, read_jsonl
 
 PROG = "retainfirst"
 EXIT_USAGE = 2
-STATUS_FILE = "status.json"
-CONFIG_FILE = "config.yaml"
 
 
 class UsageError(RetainFirstError):
@@ -49,116 +46,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
-
-
-# ----------------------------------------------------------------------------------------------
-# Run directories: never silently overwritten, status on disk, removed if nothing ran
-
-
-class RunDir:
-    """An output directory and its ``status.json``.
-
-    Opening it enforces the safety rules: an existing non-empty directory needs ``--overwrite``
-    (only a previous retainfirst directory is ever deleted) or ``--resume``.
-    """
-
-    def __init__(self, path: Path, created: bool, status: dict[str, Any], writer: bool = True) -> None:
-        self.path = path
-        self.created = created
-        self.status = status
-        self.writer = writer  # False on the non-main processes of a multi-GPU launch: they only train
-
-    @classmethod
-    def follow(cls, path: str | Path, *, resume: bool) -> RunDir:
-        """A read-only view for non-main processes (the main process owns the directory)."""
-        path = Path(path)
-        status: dict[str, Any] = {"runs": {}}
-        if resume and (path / STATUS_FILE).is_file():
-            status = json.loads((path / STATUS_FILE).read_text())
-        return cls(path, created=False, status=status, writer=False)
-
-    @classmethod
-    def open(cls, path: str | Path, *, command: str, overwrite: bool, resume: bool) -> RunDir:
-        path = Path(path)
-        if overwrite and resume:
-            raise RetainFirstError("--overwrite and --resume exclude each other; pass one")
-        if path.exists() and not path.is_dir():
-            raise RetainFirstError(f"output path {path} exists and is not a directory")
-        non_empty = path.is_dir() and any(path.iterdir())
-        if resume:
-            status_path = path / STATUS_FILE
-            if not status_path.is_file():
-                raise RetainFirstError(f"nothing to resume in {path}: it has no {STATUS_FILE}")
-            status = json.loads(status_path.read_text())
-            saved = status.get("command")
-            if saved != command:
-                raise RetainFirstError(f"{path} holds a `{saved}` run; continue it with `{PROG} {saved}`")
-            return cls(path, created=False, status=status)
-        if non_empty:
-            if not overwrite:
-                raise RetainFirstError(
-                    f"output directory {path} already exists; pass --overwrite to replace it "
-                    "or --resume to continue it"
-                )
-            if not (
-                (path / STATUS_FILE).is_file() or (path / CONFIG_FILE).is_file() or _is_results_dir(path)
-            ):
-                raise RetainFirstError(
-                    f"refusing to overwrite {path}: it is not a retainfirst output directory "
-                    f"(no {STATUS_FILE}); choose another --out"
-                )
-            shutil.rmtree(path)
-        created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
-        status = {"command": command, "state": "running", "started": _now(), "runs": {}}
-        return cls(path, created=created, status=status)
-
-    def save(self) -> None:
-        if not self.writer:
-            return
-        self.status["updated"] = _now()
-        atomic_write_json(self.path / STATUS_FILE, self.status)
-
-    def state_of(self, name: str) -> str:
-        return self.status["runs"].get(name, {}).get("state", "pending")
-
-    def mark(self, name: str, state: str, **extra: Any) -> None:
-        entry = self.status["runs"].setdefault(name, {})
-        entry.update(state=state, **extra)
-        if state != "failed":
-            entry.pop("error", None)
-        self.save()
-
-    def fail(self, error: str, current: str | None) -> None:
-        self.status["state"] = "failed"
-        self.status["error"] = error
-        if current is not None:
-            self.mark(current, "failed", error=error)
-        else:
-            self.save()
-
-    def discard(self) -> None:
-        """Remove what this invocation wrote when nothing ran (a fresh dir goes entirely)."""
-        if not self.writer:
-            return
-        if self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
-        else:
-            for child in self.path.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-
-
-def _is_results_dir(path: Path) -> bool:
-    """An `eval` output directory: only results.json (and its temp files)."""
-    names = {p.name for p in path.iterdir()}
-    return "results.json" in names and all(n == "results.json" or n.startswith(".") for n in names)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _error_line(exc: BaseException) -> str:
@@ -418,23 +305,11 @@ def _load(config: RunConfig) -> tuple[Any, Any]:
 
 
 def _final_stats(metrics_path: Path) -> dict[str, float]:
-    records = _read_jsonl(metrics_path)
+    records = read_jsonl(metrics_path)
     if not records:
         return {}
     last = records[-1]
     return {k: float(v) for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if isinstance(record, dict):
-                out.append(record)
-    return out
 
 
 class Executor:
@@ -538,7 +413,7 @@ class Executor:
             run_dir = out / "runs" / sub.name
             results = load_results(run_dir / "results.json")
             per_run_results[sub.name] = results
-            records = _read_jsonl(run_dir / "metrics.jsonl")
+            records = read_jsonl(run_dir / "metrics.jsonl")
             merged += [{"run": sub.name, "synthesizer": sub.family, **sub.settings, **r} for r in records]
             runs.append(
                 summarize_run(
@@ -606,7 +481,7 @@ def _with_epochs(sub: SubRun, epochs: float, forget_examples: int) -> SubRun:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = sub.train.forget_batch_size * sub.train.gradient_accumulation_steps * world
     steps = max(1, math.ceil(epochs * forget_examples / per_step))
-    return dataclasses.replace(sub, train=dataclasses.replace(sub.train, steps=steps))
+    return cfgmod.with_changes(sub, train=cfgmod.with_changes(sub.train, steps=steps))
 
 
 def _describe_config(config: RunConfig, plan: Sequence[SubRun]) -> str:

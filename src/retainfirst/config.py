@@ -159,6 +159,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def with_changes(obj: T, **changes: Any) -> T:
+    """A copy of a config object (RunConfig, TrainConfig, SubRun, ...) with some fields changed."""
+    return dataclasses.replace(obj, **changes)
+
+
 # ----------------------------------------------------------------------------------------------
 # dataclass <-> plain data
 

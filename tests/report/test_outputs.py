@@ -6,6 +6,7 @@ import pytest
 from rich.console import Console
 
 from retainfirst.evals.results import EvalResult
+from retainfirst.io import atomic_write_json
 from retainfirst.report import (
     RunSummary,
     format_table,
@@ -18,7 +19,6 @@ from retainfirst.report import (
     summarize_run,
     write_summary_md,
 )
-from retainfirst.report.files import atomic_write_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

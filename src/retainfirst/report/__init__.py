@@ -1,6 +1,6 @@
 """Reports of run directories: comparison tables, summary.md, Pareto and training-curve plots."""
 
-from retainfirst.report.files import atomic_write, atomic_write_json, atomic_write_text
+from retainfirst.io import atomic_write, atomic_write_json, atomic_write_text
 from retainfirst.report.pareto import (
     FamilyComparison,
     compare_families,

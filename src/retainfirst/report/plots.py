@@ -14,7 +14,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from retainfirst.report.files import atomic_write
+from retainfirst.io import atomic_write
 from retainfirst.report.pareto import compare_families, pareto_front
 from retainfirst.report.scores import RunSummary
 

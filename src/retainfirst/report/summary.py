@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from retainfirst.report.files import atomic_write_text
+from retainfirst.io import atomic_write_text
 from retainfirst.report.scores import RunSummary
 from retainfirst.report.tables import markdown_table
 

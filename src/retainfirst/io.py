@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written report file."""
+"""File I/O shared by every layer: atomic writes (unique temporary names), JSON-safe floats, JSONL."""
 
 from __future__ import annotations
 
@@ -52,3 +52,19 @@ def json_safe(value: Any) -> Any:
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     text = json.dumps(json_safe(data), indent=2, allow_nan=False, default=str)
     return atomic_write_text(path, text + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per line; a missing file is empty, a torn last line skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

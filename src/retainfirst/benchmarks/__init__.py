@@ -1,0 +1,1 @@
+"""Benchmarks built on top of ``data`` and ``evals`` (the bundled facts benchmark)."""

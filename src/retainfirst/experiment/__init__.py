@@ -1,0 +1,1 @@
+"""Experiments: run directories, the runner (prepare, train each sub-run, evaluate, report)."""
