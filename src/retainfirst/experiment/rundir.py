@@ -74,6 +74,19 @@ class RunDir:
         status = {"command": command, "state": "running", "started": _now(), "runs": {}}
         return cls(path, created=created, status=status)
 
+    def confirm_overwrite(self) -> None:
+        """Called by the runner once the new run has passed its checks (config, data): only then may a
+        replaced old run be removed for good. (Today ``open`` still deletes it at once.)"""
+
+    def close(self) -> None:
+        """Release the directory (its lock, once there is one)."""
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def save(self) -> None:
         if not self.writer:
             return
