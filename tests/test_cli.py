@@ -125,7 +125,7 @@ def tiny_setup(tmp_path):
 @pytest.fixture
 def tiny_facts_setup(tiny_setup, tmp_path):
     """The tiny setup on the bundled facts benchmark (every fact counted as known: the model is random)."""
-    from retainfirst.data.facts import build_fact_benchmark
+    from retainfirst.benchmarks.facts import build_fact_benchmark
 
     tokenizer = build_byte_tokenizer()
     bench = build_fact_benchmark(

@@ -176,7 +176,7 @@ def _fact_benchmark(config: RunConfig, model: Any, tokenizer: Any, workdir: Path
     A copy is saved in the run directory, so ``retainfirst eval --benchmark DIR/benchmark.json``
     scores an unlearned model on exactly the facts the original model knew.
     """
-    from retainfirst.data import facts
+    from retainfirst.benchmarks import facts
 
     data = config.data
     if data.benchmark:

@@ -1,7 +1,8 @@
 """Data: text corpora (WMDP, wikitext, any JSONL/Parquet/text), MCQ sets (WMDP, MMLU), RWKU, probes.
 
-The bundled facts benchmark lives in :mod:`retainfirst.data.facts` (imported on its own: it needs
-a model to build).
+Generic loaders only: this layer imports nothing from ``evals``, ``benchmarks``, ``engine``, ``report``
+or ``experiment`` (import-linter contracts in ``pyproject.toml``). The bundled facts benchmark, which
+needs a model and the generation evaluation to build, is :mod:`retainfirst.benchmarks.facts`.
 """
 
 from retainfirst.data.corpora import (

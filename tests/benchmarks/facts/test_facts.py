@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from retainfirst.data import facts as facts_module
-from retainfirst.data.facts import (
+import retainfirst.benchmarks.facts as facts_module
+from retainfirst.benchmarks.facts import (
     BENCHMARK_VERSION,
     PROBE_SETS,
     Fact,
@@ -27,6 +27,7 @@ from retainfirst.data.facts import (
     normalize_words,
     split_facts,
 )
+from retainfirst.benchmarks.facts import build as build_module
 from retainfirst.errors import RetainFirstError
 
 
@@ -348,7 +349,7 @@ def test_load_or_build_builds_once_per_model_and_seed(tmp_path, known, monkeypat
     def no_build(*args, **kwargs):
         raise AssertionError("should have loaded the cache")
 
-    monkeypatch.setattr(facts_module, "build_fact_benchmark", no_build)
+    monkeypatch.setattr(build_module, "build_fact_benchmark", no_build)
     second = load_or_build_fact_benchmark(
         None, None, "smollm2-135m", seed=2, cache_dir=tmp_path, known_facts=known
     )

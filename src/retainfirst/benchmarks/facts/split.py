@@ -1,0 +1,114 @@
+"""The seeded, entity-level forget/neighbour split, balanced over relation families."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+
+from retainfirst.benchmarks.facts.names import mentions
+from retainfirst.benchmarks.facts.schema import Fact
+from retainfirst.errors import RetainFirstError
+
+
+def _family_targets(total: int, families: Sequence[str]) -> dict[str, int]:
+    base, extra = divmod(total, len(families))
+    return {name: base + (1 if i < extra else 0) for i, name in enumerate(families)}
+
+
+def _pick_side(
+    entities: Sequence[str],
+    facts_of: dict[str, list[Fact]],
+    family_order: Sequence[str],
+    total: int,
+    allowed: Callable[[Fact], bool],
+    caps: dict[str, int] | None = None,
+) -> list[Fact]:
+    """Greedy, family-balanced choice of whole entities until ``total`` facts are taken.
+
+    The family furthest below its share picks the next entity (in seeded order) that has an allowed
+    fact of that family; the entity's other allowed facts join while their families are under share.
+    ``caps`` bounds the facts taken per family (so a scarce family is left for the other side too).
+    """
+    targets = _family_targets(total, family_order)
+    caps = caps or {}
+
+    def capped(fact: Fact) -> bool:
+        return counts[fact.family] >= caps.get(fact.family, total)
+
+    counts: Counter[str] = Counter()
+    used: set[str] = set()
+    chosen: list[Fact] = []
+    exhausted: set[str] = set()
+    while len(chosen) < total:
+        open_families = [f for f in family_order if f not in exhausted and counts[f] < caps.get(f, total)]
+        if not open_families:
+            break
+        family = min(open_families, key=lambda f: (counts[f] / max(targets[f], 1), family_order.index(f)))
+        entity = next(
+            (
+                e
+                for e in entities
+                if e not in used and any(f.family == family and allowed(f) for f in facts_of[e])
+            ),
+            None,
+        )
+        if entity is None:
+            exhausted.add(family)
+            continue
+        used.add(entity)
+        own = [f for f in facts_of[entity] if allowed(f)]
+        first = next(f for f in own if f.family == family)
+        for fact in [first] + [f for f in own if f is not first]:
+            if len(chosen) >= total:
+                break
+            if fact is first or (counts[fact.family] < targets[fact.family] and not capped(fact)):
+                chosen.append(fact)
+                counts[fact.family] += 1
+    return chosen
+
+
+def split_facts(
+    facts: Sequence[Fact], n_forget: int, n_retain: int, seed: int
+) -> tuple[list[Fact], list[Fact]]:
+    """Seeded entity-level split into forget facts and neighbour (retain) facts.
+
+    Neighbour facts never share an entity with forget facts, and a neighbour fact whose subject or
+    object mentions, or is mentioned by, any forget fact's subject or object is skipped: the forget
+    corpus never names a neighbour answer and the retain corpus never names a forget answer.
+    """
+    if not facts:
+        raise RetainFirstError(
+            "the model answered none of the candidate facts correctly; the facts benchmark needs a model "
+            "that knows some of them (e.g. smollm2-135m), or pass known_facts"
+        )
+    facts_of: dict[str, list[Fact]] = defaultdict(list)
+    for fact in facts:
+        facts_of[fact.subject].append(fact)
+    if len(facts_of) < 2:
+        raise RetainFirstError(
+            f"only {len(facts_of)} known entity; the split needs at least one forget and one neighbour entity"
+        )
+    entities = sorted(facts_of)
+    random.Random(f"{seed}:split").shuffle(entities)
+    family_order = list(dict.fromkeys(f.family for f in facts))
+    # forget takes at most half of a family's known facts, so neighbours cover every family too
+    available = Counter(f.family for f in facts)
+    caps = {family: (count + 1) // 2 for family, count in available.items()}
+    forget = _pick_side(entities, facts_of, family_order, n_forget, lambda f: True, caps)
+    forget_subjects = {f.subject for f in forget}
+    forget_phrases = [p for f in forget for p in (f.subject, f.object)]
+
+    def neighbor_allowed(fact: Fact) -> bool:
+        if fact.subject in forget_subjects:
+            return False
+        own = (fact.subject, fact.object)
+        return not any(mentions(p, o) or mentions(o, p) for p in forget_phrases for o in own)
+
+    retain = _pick_side(entities, facts_of, family_order, n_retain, neighbor_allowed)
+    if not forget or not retain:
+        raise RetainFirstError(
+            f"the split left {len(forget)} forget and {len(retain)} neighbour facts; the model knows too few "
+            "facts for the requested sizes: lower n_forget/n_retain"
+        )
+    return forget, retain
