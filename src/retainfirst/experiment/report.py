@@ -17,7 +17,7 @@ from retainfirst.evals.results import EvalResult, load_results
 from retainfirst.evals.tasks import get_tasks, task_classes
 from retainfirst.experiment.console import PROG, print_report
 from retainfirst.experiment.rundir import CONFIG_FILE
-from retainfirst.io import atomic_write_json, atomic_write_text, read_jsonl
+from retainfirst.io import atomic_write_json, atomic_write_text, json_safe, read_jsonl
 
 # Differences the report treats as ties when comparing Pareto fronts: 0.02 ROUGE-L recall (about one
 # probe in 50) and 1 point of utility recovery; below that, evaluation noise would decide the verdict.
@@ -137,7 +137,7 @@ def write_report(
         headlines=headlines,
     )
     print_report(format_table(rows, title=title, headlines=headlines), verdict, out)
-    return payload
+    return json_safe(payload)  # as written: NaN/inf become None
 
 
 def forget_task_names() -> list[str]:
