@@ -317,11 +317,3 @@ def test_demo_with_fewer_steps_and_facts(tmp_path):
     for run in results["runs"]:
         assert set(run["recovery"]) == {"neighbor", "mmlu", "ppl"}
         assert -1.0 <= run["final_stats"]["cos_update_retain"] <= 1.0
-
-
-def test_evenly_spaced_keeps_the_spread():
-    items = list(range(10))
-    assert cli.evenly_spaced(items, 5) == [0, 2, 4, 6, 8]
-    assert cli.evenly_spaced(items, 3) == [0, 3, 6]
-    assert cli.evenly_spaced(items, None) == items
-    assert cli.evenly_spaced(items, 50) == items

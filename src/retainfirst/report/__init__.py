@@ -13,6 +13,7 @@ from retainfirst.report.plots import plot_cos_vs_recovery, plot_pareto, plot_tra
 from retainfirst.report.scores import (
     RunSummary,
     forget_score,
+    headline_catalogue,
     headline_metrics,
     recovery,
     summarize_run,
@@ -32,6 +33,7 @@ __all__ = [
     "forget_score",
     "format_table",
     "front_dominates",
+    "headline_catalogue",
     "headline_metrics",
     "hypervolume",
     "markdown_table",

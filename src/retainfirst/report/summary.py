@@ -5,18 +5,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from retainfirst.evals.tasks import Headline
 from retainfirst.io import atomic_write_text
-from retainfirst.report.scores import RunSummary
+from retainfirst.report.scores import RunSummary, headline_catalogue
 from retainfirst.report.tables import markdown_table
 
-METRIC_NOTES = (
-    "- **forget**: mean ROUGE-L recall of greedy answers over all forget probes (lower = more forgotten).\n"
-    "- **neighbor**: the same over neighbor probes (facts that must be kept).\n"
-    "- **MMLU**: accuracy on the fixed MMLU subset; **ppl**: perplexity on held-out general text.\n"
-    "- **rec. X %**: after/before of each retained metric (before/after for ppl); "
+GENERAL_NOTES = (
+    "- **rec. X %**: after/before of each retained number (before/after where lower is better); "
     "**utility %**: their mean.\n"
     "- **cos(u,r)**: cosine between the final update and the retain gradient at the last step.\n"
 )
+
+
+def metric_notes(rows: Sequence[RunSummary], headlines: Sequence[Headline] | None = None) -> str:
+    """One line per headline number shown (from the tasks' descriptions), then the derived columns."""
+    shown = [
+        h
+        for h in (headline_catalogue() if headlines is None else headlines)
+        if h.description and any(h.key in r.metrics for r in rows)
+    ]
+    return "".join(f"- **{h.title}**: {h.description}.\n" for h in shown) + GENERAL_NOTES
 
 
 def write_summary_md(
@@ -28,18 +36,19 @@ def write_summary_md(
     verdict: str | None = None,
     plots: Mapping[str, str] | None = None,
     rerun: str | None = None,
+    headlines: Sequence[Headline] | None = None,
 ) -> Path:
     """Write summary.md atomically. ``rows``: the ``before`` row first, then each run.
 
     ``plots`` maps a caption to a file name relative to the summary; ``rerun`` is the command that
-    reproduces the directory.
+    reproduces the directory; ``headlines``: the run's tasks' numbers (default: all registered).
     """
     parts = [f"# {title}\n"]
     if description:
         parts.append(description.rstrip() + "\n")
     parts.append("## Results\n")
-    parts.append(markdown_table(rows) if rows else "_no results_\n")
-    parts.append(METRIC_NOTES)
+    parts.append(markdown_table(rows, headlines) if rows else "_no results_\n")
+    parts.append(metric_notes(rows, headlines))
     if verdict:
         parts.append("## Which family's front dominates?\n")
         parts.append(verdict.rstrip() + "\n")

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from rich.table import Table
 from rich.text import Text
 
-from retainfirst.report.scores import RunSummary
+from retainfirst.evals.tasks import Headline
+from retainfirst.report.scores import RunSummary, headline_catalogue
 
 
 @dataclass(frozen=True)
@@ -20,20 +21,19 @@ class Column:
     fmt: str
 
 
-# Candidate columns in display order; only those with a value in some row are shown.
-COLUMNS: tuple[Column, ...] = (
-    Column("forget ↓", "metric", "forget", "{:.3f}"),
-    Column("WMDP-bio ↓", "metric", "wmdp_bio", "{:.3f}"),
-    Column("WMDP-cyber ↓", "metric", "wmdp_cyber", "{:.3f}"),
-    Column("neighbor ↑", "metric", "neighbor", "{:.3f}"),
-    Column("MMLU ↑", "metric", "mmlu", "{:.3f}"),
-    Column("ppl ↓", "metric", "ppl", "{:.2f}"),
-    Column("rec. neighbor %", "recovery", "neighbor", "{:.1f}"),
-    Column("rec. MMLU %", "recovery", "mmlu", "{:.1f}"),
-    Column("rec. ppl %", "recovery", "ppl", "{:.1f}"),
-    Column("utility %", "score", "utility", "{:.1f}"),
-    Column("cos(u,r)", "stat", "cos_update_retain", "{:.3f}"),
-)
+def columns_for(headlines: Sequence[Headline]) -> list[Column]:
+    """Candidate columns in display order: each headline number (forget, utility, diagnostic), the
+    recovery of each utility number, the utility and the final cos(update, retain)."""
+    metric = [
+        Column(f"{h.title} {'↑' if h.higher_is_better else '↓'}", "metric", h.key, h.fmt) for h in headlines
+    ]
+    rec = [Column(f"rec. {h.title} %", "recovery", h.key, "{:.1f}") for h in headlines if h.role == "utility"]
+    return [
+        *metric,
+        *rec,
+        Column("utility %", "score", "utility", "{:.1f}"),
+        Column("cos(u,r)", "stat", "cos_update_retain", "{:.3f}"),
+    ]
 
 
 def _value(row: RunSummary, column: Column) -> float | None:
@@ -56,22 +56,31 @@ def _cell(row: RunSummary, column: Column) -> str:
     return column.fmt.format(value)
 
 
-def table_columns(rows: Sequence[RunSummary]) -> list[Column]:
-    """The columns that have a value in at least one row."""
-    return [c for c in COLUMNS if any(_value(r, c) is not None for r in rows)]
+def table_columns(rows: Sequence[RunSummary], headlines: Sequence[Headline] | None = None) -> list[Column]:
+    """The columns that have a value in at least one row (``headlines``: default all registered tasks';
+    a number no headline describes, e.g. from an unregistered task, gets a plain column at the end)."""
+    headlines = list(headline_catalogue() if headlines is None else headlines)
+    known = {h.key for h in headlines}
+    extra = [k for r in rows for k in r.metrics if k not in known]
+    headlines += [Headline(k, "diagnostic", k, True) for k in dict.fromkeys(extra)]
+    return [c for c in columns_for(headlines) if any(_value(r, c) is not None for r in rows)]
 
 
-def table_cells(rows: Sequence[RunSummary]) -> tuple[list[str], list[list[str]]]:
+def table_cells(
+    rows: Sequence[RunSummary], headlines: Sequence[Headline] | None = None
+) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells (first column: run name) shared by the rich and Markdown tables."""
-    columns = table_columns(rows)
+    columns = table_columns(rows, headlines)
     headers = ["run", *(c.header for c in columns)]
     cells = [[row.name, *(_cell(row, c) for c in columns)] for row in rows]
     return headers, cells
 
 
-def format_table(rows: Sequence[RunSummary], title: str | None = None) -> Table:
+def format_table(
+    rows: Sequence[RunSummary], title: str | None = None, headlines: Sequence[Headline] | None = None
+) -> Table:
     """A rich table comparing ``before`` and each run (print it with ``rich.console.Console``)."""
-    headers, cells = table_cells(rows)
+    headers, cells = table_cells(rows, headlines)
     table = Table(title=Text(title) if title else None, show_lines=False)
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True)
@@ -80,9 +89,9 @@ def format_table(rows: Sequence[RunSummary], title: str | None = None) -> Table:
     return table
 
 
-def markdown_table(rows: Sequence[RunSummary]) -> str:
+def markdown_table(rows: Sequence[RunSummary], headlines: Sequence[Headline] | None = None) -> str:
     """The same table in GitHub Markdown."""
-    headers, cells = table_cells(rows)
+    headers, cells = table_cells(rows, headlines)
     lines = [
         "| " + " | ".join(headers) + " |",
         "|" + "|".join(["---", *("---:" for _ in headers[1:])]) + "|",

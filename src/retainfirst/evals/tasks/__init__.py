@@ -1,0 +1,125 @@
+"""Evaluation tasks as plugins: one module per task, each a registered :class:`EvalTask` subclass.
+
+```python
+available_tasks()               # ["facts", "lm_eval:<task>", "mia", "mmlu", ...]
+task = get_task("mmlu")          # or "lm_eval:arc_easy" (a parametrised task)
+register_task("my_task")(cls)    # class decorator: adding a task is one new module
+check_tasks(config)              # config validation of eval.tasks (names, needed data)
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from retainfirst.errors import RetainFirstError
+from retainfirst.evals.tasks.base import EvalTask, Headline, Role, TaskContext
+
+if TYPE_CHECKING:
+    from retainfirst.config import RunConfig
+
+_REGISTRY: dict[str, type[EvalTask]] = {}
+PARAM_SEPARATOR = ":"
+
+TaskClass = TypeVar("TaskClass", bound=type[EvalTask])
+
+
+def register_task(name: str) -> Callable[[TaskClass], TaskClass]:
+    """Class decorator that makes an :class:`EvalTask` subclass available as ``name``.
+
+    Registering a taken name is an error, so a plugin cannot silently replace a built-in task.
+    """
+    key = name.strip()
+    if not key or PARAM_SEPARATOR in key:
+        raise RetainFirstError(f"task name {name!r} must be non-empty and contain no {PARAM_SEPARATOR!r}")
+
+    def decorate(cls: TaskClass) -> TaskClass:
+        if not (isinstance(cls, type) and issubclass(cls, EvalTask)):
+            raise RetainFirstError(f"register_task({name!r}) must decorate an EvalTask subclass")
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise RetainFirstError(
+                f"task name {key!r} is already registered by {_REGISTRY[key].__qualname__}; pick another name"
+            )
+        cls.name = key
+        cls().headlines() if not cls.parametrised else None  # metadata errors surface at import
+        _REGISTRY[key] = cls
+        return cls
+
+    return decorate
+
+
+def unregister_task(name: str) -> None:
+    """Remove a task (tests that register a throw-away task clean up with this)."""
+    _REGISTRY.pop(name, None)
+
+
+def available_tasks() -> list[str]:
+    """Task names a config may list, sorted (a parametrised one shows as ``name:<task>``)."""
+    return sorted(f"{k}{PARAM_SEPARATOR}<task>" if c.parametrised else k for k, c in _REGISTRY.items())
+
+
+def task_classes() -> list[type[EvalTask]]:
+    """Registered task classes in registration order (the order of the report's columns)."""
+    return list(_REGISTRY.values())
+
+
+def get_task(name: str) -> EvalTask:
+    """The task written as ``name`` in ``eval.tasks`` (``lm_eval:arc_easy`` gives the bridge)."""
+    if not isinstance(name, str):
+        raise RetainFirstError(f"task name must be a string, got {type(name).__name__}")
+    key, sep, param = name.strip().partition(PARAM_SEPARATOR)
+    cls = _REGISTRY.get(key)
+    if cls is None:
+        raise RetainFirstError(f"{name!r} is not valid; choose one of {', '.join(available_tasks())}")
+    if sep and not param:
+        raise RetainFirstError(f"{name!r} needs a task name after {key}{PARAM_SEPARATOR}")
+    return cls(param or None)
+
+
+def get_tasks(names: Sequence[str]) -> list[EvalTask]:
+    return [get_task(n) for n in names]
+
+
+def check_tasks(config: RunConfig) -> None:
+    """Validate ``config.eval.tasks``: known names, no duplicates, and what each task needs.
+
+    Errors read ``config: eval.tasks[i]='wat' is not valid; choose one of ...``.
+    """
+    seen: set[str] = set()
+    for i, name in enumerate(config.eval.tasks):
+        try:
+            task = get_task(name)
+        except RetainFirstError as exc:
+            raise RetainFirstError(f"config: eval.tasks[{i}]={exc!s}") from None
+        if task.id in seen:
+            raise RetainFirstError(f"config: eval.tasks lists {task.id!r} twice")
+        seen.add(task.id)
+        task.check_config(config)
+
+
+# The built-in tasks (report columns follow role, then this registration order).
+from retainfirst.evals.tasks import (  # noqa: E402,F401
+    facts,
+    lm_eval,
+    mia,
+    mmlu,
+    perplexity,
+    rwku,
+    wmdp_bio,
+    wmdp_cyber,
+)
+
+__all__ = [
+    "EvalTask",
+    "Headline",
+    "Role",
+    "TaskContext",
+    "available_tasks",
+    "check_tasks",
+    "get_task",
+    "get_tasks",
+    "register_task",
+    "task_classes",
+    "unregister_task",
+]
