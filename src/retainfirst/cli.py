@@ -376,7 +376,7 @@ class Executor:
                 after = evaluate(result.model, tokenizer, self.config, prep, sub.name)
                 extra = {"run": sub.name, "family": sub.family, "settings": sub.settings}
                 save_results(after, results_path, extra=extra)
-                if not self.config.keep_checkpoints:
+                if not self.config.keep_finished_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             self.rundir.mark(sub.name, "done", steps_done=result.steps_done)
             del model, result
