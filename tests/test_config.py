@@ -110,7 +110,10 @@ def test_ambiguous_short_key():
         ("train.warmup_ratio=1", r"train.warmup_ratio=1 must be in \[0, 1\)"),
         ("train.forget_kwargs.beta=0", r"train.forget_kwargs: forget objective 'simnpo': beta=0 must be > 0"),
         ("synthesizer_overrides={sago: {lr: 0}}", r"config: train.lr=0 must be > 0"),
-        ("synthesizer_overrides={sago: {lrr: 1}}", r"unknown key 'synthesizer_overrides.sago.lrr'; valid keys in"),
+        (
+            "synthesizer_overrides={sago: {lrr: 1}}",
+            r"unknown key 'synthesizer_overrides.sago.lrr'; valid keys in",
+        ),
         ("eval.batch_size=0", r"eval.batch_size=0 must be an integer >= 1"),
         ("data.n_forget=true", r"data.n_forget=True is invalid; expected an integer"),
         ("epochs=0", r"epochs=0 must be > 0"),
@@ -188,7 +191,10 @@ def test_config_tree_is_frozen_pydantic_models():
 
 def test_one_set_of_defaults():
     assert RunConfig().train == TrainConfig()
-    assert TrainConfig().forget_loss == "simnpo" and TrainConfig().forget_kwargs == {"beta": 0.25, "delta": 0.0}
+    assert TrainConfig().forget_loss == "simnpo" and TrainConfig().forget_kwargs == {
+        "beta": 0.25,
+        "delta": 0.0,
+    }
     # keep_checkpoints exists once (an int, in train); the run-level switch has its own name
     assert "keep_checkpoints" not in RunConfig.model_fields
     assert load_config(None, ["keep_checkpoints=2"]).train.keep_checkpoints == 2
@@ -219,7 +225,9 @@ def test_with_changes_validates_a_copy():
 def test_built_in_code_configs_fail_with_one_line():
     with pytest.raises(RetainFirstError, match=r"^config: eval tasks wmdp_bio/wmdp_cyber/rwku need data.dir"):
         RunConfig(eval=EvalConfig(tasks=["wmdp_bio"]))
-    with pytest.raises(RetainFirstError, match=r"^config: eval.tasks\[0\]='nope' is not valid; choose one of"):
+    with pytest.raises(
+        RetainFirstError, match=r"^config: eval.tasks\[0\]='nope' is not valid; choose one of"
+    ):
         EvalConfig(tasks=["nope"])
 
 

@@ -25,7 +25,11 @@ from retainfirst.errors import RetainFirstError
         ("max_grad_norm", -1, "max_grad_norm=-1 must be >= 0"),
         ("trainable_patterns", "layers", "non-empty list of regexes"),
         ("trainable_patterns", ["(unclosed"], "not a valid regex"),
-        ("lora", {"rank": 8}, "unknown key 'lora.rank'; valid keys in lora: r, alpha, dropout, target_modules"),
+        (
+            "lora",
+            {"rank": 8},
+            "unknown key 'lora.rank'; valid keys in lora: r, alpha, dropout, target_modules",
+        ),
         ("lora", {"r": 0}, "lora.r=0 must be an integer >= 1"),
         ("merge_lora", True, "merge_lora=True needs lora"),
         ("forget_kwargs", [1], "forget_kwargs=[1] is invalid; expected a mapping"),
