@@ -56,6 +56,7 @@ class Registry(Generic[T]):
         self.kinds = kinds or ((kind,) if kind else ())
         self._entries: dict[str, T] = {}
         self._broken: dict[str, str] = {}  # entry-point name -> why it failed
+        self._warned: set[str] = set()
         self._scanned = False
 
     # -- registration -----------------------------------------------------------------------
@@ -171,7 +172,9 @@ class Registry(Generic[T]):
                 first = (str(exc).splitlines() or [""])[0]
                 message = f"{where} failed to load: {type(exc).__name__}: {first}"
                 self._broken[key] = message
-                warnings.warn(message, stacklevel=3)
+                if message not in self._warned:  # once, not on every rescan
+                    self._warned.add(message)
+                    warnings.warn(message, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------

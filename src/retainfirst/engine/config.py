@@ -234,5 +234,5 @@ def registered(value: str, registry: Registry[Any]) -> str:
     except RetainFirstError as exc:
         if str(exc).startswith("unknown "):
             raise ValueError(f"is not valid; choose one of {', '.join(registry.available())}") from None
-        raise ValueError(str(exc)) from None  # a plugin that failed to load says why
+        raise ValueError(f"cannot be loaded: {exc}") from None  # a plugin that failed to load says why
     return value
