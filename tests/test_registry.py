@@ -175,9 +175,8 @@ def test_a_broken_entry_point_is_one_line_naming_it(tmp_path, monkeypatch, clean
         "[retainfirst.synthesizers]\nbroken = my_plugin:Missing\nmissing_module = not_a_module:X\n",
         "VALUE = 1\n",
     )
-    with pytest.warns(UserWarning):
-        with pytest.raises(RetainFirstError) as info:
-            get_synthesizer("broken")
+    with pytest.warns(UserWarning), pytest.raises(RetainFirstError) as info:
+        get_synthesizer("broken")
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(

