@@ -73,3 +73,22 @@ def test_training_fields_ignore_bookkeeping():
     b = TrainConfig(steps=5, checkpoint_every=0)
     assert a.training_fields() == b.training_fields()
     assert a.training_fields() != TrainConfig(steps=6).training_fields()
+
+
+def test_registry_names_and_their_options_are_checked_at_construction():
+    with pytest.raises(
+        RetainFirstError, match=r"^train config: synthesizer='nope' is not valid; choose one of blur,"
+    ):
+        TrainConfig(synthesizer="nope")
+    with pytest.raises(
+        RetainFirstError,
+        match=r"^train config: forget_kwargs: forget objective 'simnpo': unknown option 'gamma'; valid options: beta",
+    ):
+        TrainConfig(forget_kwargs={"gamma": 1.0})
+    with pytest.raises(
+        RetainFirstError, match=r"synthesizer_options: synthesizer 'sago': unknown option 'eps'"
+    ):
+        TrainConfig(synthesizer_options={"eps": 1e-8})
+    cfg = TrainConfig(synthesizer="pcgrad", synthesizer_options={"eps": 0.0}, forget_loss="npo")
+    assert cfg.forget_kwargs == {}  # the default options belong to the default forget loss
+    cfg.validate()  # still valid

@@ -198,6 +198,10 @@ class TrainConfig(Settings):
         return self
 
     # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:  # type: ignore[override]  # BaseModel.validate is pydantic v1's
+        """Check again (valid since construction; the registries behind the names may have changed)."""
+        type(self).parse(dict(self))
+
     @property
     def num_warmup_steps(self) -> int:
         if self.warmup_steps is not None:
