@@ -82,7 +82,8 @@ def test_registry_names_and_their_options_are_checked_at_construction():
         TrainConfig(synthesizer="nope")
     with pytest.raises(
         RetainFirstError,
-        match=r"^train config: forget_kwargs: forget objective 'simnpo': unknown option 'gamma'; valid options: beta",
+        match=r"^train config: forget_kwargs: forget objective 'simnpo': unknown option 'gamma'; "
+        r"valid options: beta",
     ):
         TrainConfig(forget_kwargs={"gamma": 1.0})
     with pytest.raises(
