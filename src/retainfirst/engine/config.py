@@ -43,6 +43,7 @@ from retainfirst.validation import (
     PositiveInt,
     Settings,
     UnitFloat,
+    parse_options,
     validate_nested,
 )
 
@@ -180,19 +181,18 @@ class TrainConfig(Settings):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be <= steps ({self.steps})")
         if self.merge_lora and self.lora is None:
             raise ValueError("merge_lora=True needs lora settings")
-        from retainfirst.objectives import get_forget_objective, get_retain_objective
-        from retainfirst.synthesis import get_synthesizer
+        from retainfirst.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
+        from retainfirst.synthesis import SYNTHESIZERS
 
-        builds = {
-            "synthesizer_options": lambda: get_synthesizer(
-                self.synthesizer, self.alpha, self.gamma, **self.synthesizer_options
-            ),
-            "forget_kwargs": lambda: get_forget_objective(self.forget_loss, **self.forget_kwargs),
-            "retain_kwargs": lambda: get_retain_objective(self.retain_loss, **self.retain_kwargs),
-        }
-        for key, build in builds.items():
+        checks = (  # validated against each class's Options model, without building anything
+            ("synthesizer_options", SYNTHESIZERS, self.synthesizer, self.synthesizer_options),
+            ("forget_kwargs", FORGET_OBJECTIVES, self.forget_loss, self.forget_kwargs),
+            ("retain_kwargs", RETAIN_OBJECTIVES, self.retain_loss, self.retain_kwargs),
+        )
+        for key, registry, name, options in checks:
+            cls = registry.lookup(name)
             try:
-                build()
+                parse_options(f"{registry.what} {cls.name!r}", cls.Options, options)
             except RetainFirstError as exc:
                 raise ValueError(f"{key}: {exc}") from None
         return self
