@@ -1,7 +1,7 @@
-import dataclasses
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from retainfirst.config import (
     DataConfig,
@@ -16,6 +16,7 @@ from retainfirst.config import (
     plan_runs,
     to_dict,
     to_yaml,
+    with_changes,
 )
 from retainfirst.engine import TrainConfig
 from retainfirst.errors import RetainFirstError
@@ -105,12 +106,22 @@ def test_ambiguous_short_key():
         ("train.forget_loss=nope", r"train.forget_loss='nope' is not valid; choose one of .*simnpo"),
         ("train.forget_kwargs.gamma=1", r"train.forget_kwargs: .*unknown option"),
         ("dtype=int8", r"dtype='int8' is not valid; choose one of float32, bfloat16, float16"),
-        ("train.lr=-1", r"train.lr=-1.0 must be > 0"),
+        ("train.lr=-1", r"train.lr=-1 must be > 0"),
+        ("train.warmup_ratio=1", r"train.warmup_ratio=1 must be in \[0, 1\)"),
+        ("train.forget_kwargs.beta=0", r"train.forget_kwargs: forget objective 'simnpo': beta=0 must be > 0"),
+        ("synthesizer_overrides={sago: {lr: 0}}", r"config: train.lr=0 must be > 0"),
+        (
+            "synthesizer_overrides={sago: {lrr: 1}}",
+            r"unknown key 'synthesizer_overrides.sago.lrr'; valid keys in",
+        ),
+        ("eval.batch_size=0", r"eval.batch_size=0 must be an integer >= 1"),
+        ("data.n_forget=true", r"data.n_forget=True is invalid; expected an integer"),
+        ("epochs=0", r"epochs=0 must be > 0"),
         ("train.steps=abc", r"train.steps='abc' is invalid; expected an integer"),
         ("train.steps=2.5", r"expected an integer"),
         ("data.source=web", r"data.source='web' is not valid; choose one of facts, corpus, rwku"),
         ("eval.tasks=[mmlu,wat]", r"eval.tasks\[1\]='wat' is not valid"),
-        ("eval.tasks=[wmdp_bio]", r"need data.dir"),
+        ("eval.tasks=[wmdp_bio]", r"needs data.dir"),
         ("eval.mcq_mode=bogus", r"choose one of option, letter"),
         ("data.source=corpus", r"needs data.forget and data.retain"),
         ("train.gradient_checkpointing=yes please", r"expected true or false"),
@@ -171,9 +182,97 @@ def test_parse_range():
         parse_range("a-b", "data.rwku_forget_targets")
 
 
-def test_config_tree_is_dataclasses():
+def test_config_tree_is_frozen_pydantic_models():
     cfg = RunConfig()
-    assert all(dataclasses.is_dataclass(getattr(cfg, s)) for s in ("data", "train", "eval"))
+    assert all(isinstance(getattr(cfg, s), BaseModel) for s in ("data", "train", "eval"))
+    with pytest.raises(ValidationError):
+        cfg.train.steps = 3  # copies go through with_changes, which validates
+
+
+def test_one_set_of_defaults():
+    assert RunConfig().train == TrainConfig()
+    assert TrainConfig().forget_loss == "simnpo" and TrainConfig().forget_kwargs == {
+        "beta": 0.25,
+        "delta": 0.0,
+    }
+    # keep_checkpoints exists once (an int, in train); the run-level switch has its own name
+    assert "keep_checkpoints" not in RunConfig.model_fields
+    assert load_config(None, ["keep_checkpoints=2"]).train.keep_checkpoints == 2
+    assert load_config(None, ["keep_finished_checkpoints=true"]).keep_finished_checkpoints is True
+
+
+def test_another_loss_without_options_gets_its_own_defaults(tmp_path):
+    assert load_config(None, ["train.forget_loss=npo"]).train.forget_kwargs == {}
+    assert TrainConfig(forget_loss="ga").forget_kwargs == {}
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  forget_loss: npo\n")
+    assert load_config(path, ["train.forget_kwargs.beta=0.5"]).train.forget_kwargs == {"beta": 0.5}
+    runs = plan_runs(load_config(None, ["synthesizer_overrides={sago: {forget_loss: ga}}"]))
+    assert [(r.name, r.train.forget_loss, r.train.forget_kwargs) for r in runs][1:] == [
+        ("pcgrad", "simnpo", {"beta": 0.25, "delta": 0.0}),
+        ("sago", "ga", {}),
+    ]
+
+
+def test_with_changes_validates_a_copy():
+    cfg = RunConfig()
+    changed = with_changes(cfg, train=with_changes(cfg.train, steps=3))
+    assert changed.train.steps == 3 and cfg.train.steps == 24
+    with pytest.raises(RetainFirstError, match=r"train config: steps=0 must be an integer >= 1"):
+        with_changes(cfg.train, steps=0)
+
+
+def test_built_in_code_configs_fail_with_one_line():
+    with pytest.raises(RetainFirstError, match=r"^config: eval task wmdp_bio needs data.dir"):
+        RunConfig(eval=EvalConfig(tasks=["wmdp_bio"]))
+    with pytest.raises(
+        RetainFirstError, match=r"^config: eval.tasks\[0\]='nope' is not valid; choose one of"
+    ):
+        EvalConfig(tasks=["nope"])
+
+
+def test_yaml_roundtrip_with_every_section_set(tmp_path):
+    overrides = [
+        "name=full",
+        "model=some/model",
+        "dtype=bfloat16",
+        "synthesizers=[pcgrad,sago]",
+        "out=runs/x",
+        "keep_finished_checkpoints=true",
+        "synthesizer_overrides={pcgrad: {steps: 5, lr: 3e-6}}",
+        "epochs=1.5",
+        "data.source=corpus",
+        "data.forget=f.jsonl",
+        "data.retain=r.jsonl",
+        "data.dir=/tmp/data",
+        "data.max_forget_examples=7",
+        "train.forget_loss=rmu",
+        "train.forget_kwargs={layer: 2, trainable_layers: [1, 2], seed: 3}",
+        "train.retain_loss=embed_diff",
+        "train.retain_kwargs.coefficient=1200",
+        "train.synthesizer_options.keep_retain_where_forget_zero=true",
+        "train.synthesizer=sago",
+        "train.betas=[0.8,0.9]",
+        "train.lora={r: 4, target_modules: [q_proj]}",
+        "train.merge_lora=true",
+        "train.trainable_patterns=[layers\\.1\\.]",
+        "train.warmup_steps=2",
+        "train.lr=1e-6",
+        "train.max_grad_norm=null",
+        "eval.tasks=[mmlu,wmdp_bio,lm_eval:hellaswag]",
+        "eval.mcq_mode=letter",
+        "eval.wmdp_limit=5",
+    ]
+    with pytest.raises(RetainFirstError, match="keep_retain_where_forget_zero"):
+        load_config(None, overrides)  # pcgrad has no such option
+    overrides.remove("train.synthesizer_options.keep_retain_where_forget_zero=true")
+    cfg = load_config(None, overrides)
+    assert cfg.train.lora == {"r": 4, "target_modules": ["q_proj"]} and cfg.train.betas == (0.8, 0.9)
+    for config in (cfg, RunConfig()):
+        path = tmp_path / "config.yaml"
+        path.write_text(to_yaml(config))
+        again = load_config(path)
+        assert again == config and to_yaml(again) == to_yaml(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +341,7 @@ def test_plan_runs_grid_and_synthesizer_overrides():
         (["alpha=1", "train.alpha=2"], "given twice"),
         (["alpha="], "has no values"),
         (["synthesizer=sum,nope"], "not valid; choose one of"),
-        (["lr=-1,1"], "train.lr=-1.0 must be > 0"),
+        (["lr=-1,1"], "train.lr=-1 must be > 0"),
     ],
 )
 def test_bad_grids(items, message):

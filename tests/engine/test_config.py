@@ -11,24 +11,28 @@ from retainfirst.errors import RetainFirstError
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("lr_schedule", "step", "['constant', 'linear', 'cosine']"),
-        ("optimizer", "sgd", "['adamw']"),
-        ("mixed_precision", "fp8", "['no', 'bf16', 'fp16']"),
+        ("lr_schedule", "step", "lr_schedule='step' is not valid; choose one of constant, linear, cosine"),
+        ("optimizer", "sgd", "choose one of adamw"),
+        ("mixed_precision", "fp8", "choose one of no, bf16, fp16"),
         ("steps", 0, "steps=0 must be an integer >= 1"),
         ("lr", -1.0, "lr=-1.0 must be > 0"),
         ("lr", float("nan"), "must be a finite number"),
         ("warmup_ratio", 1.0, "must be in [0, 1)"),
         ("warmup_steps", 20, "must be <= steps"),
-        ("betas", (0.9, 1.5), "betas"),
+        ("betas", (0.9, 1.5), "betas[1]=1.5 must be in [0, 1)"),
         ("gradient_accumulation_steps", 0, "gradient_accumulation_steps=0"),
-        ("forget_batch_size", True, "forget_batch_size=True"),
+        ("forget_batch_size", True, "forget_batch_size=True is invalid; expected an integer"),
         ("max_grad_norm", -1, "max_grad_norm=-1 must be >= 0"),
         ("trainable_patterns", "layers", "non-empty list of regexes"),
         ("trainable_patterns", ["(unclosed"], "not a valid regex"),
-        ("lora", {"rank": 8}, "valid keys: ['r', 'alpha', 'dropout', 'target_modules']"),
-        ("lora", {"r": 0}, "lora.r=0"),
+        (
+            "lora",
+            {"rank": 8},
+            "unknown key 'lora.rank'; valid keys in lora: r, alpha, dropout, target_modules",
+        ),
+        ("lora", {"r": 0}, "lora.r=0 must be an integer >= 1"),
         ("merge_lora", True, "merge_lora=True needs lora"),
-        ("forget_kwargs", [1], "must be a mapping"),
+        ("forget_kwargs", [1], "forget_kwargs=[1] is invalid; expected a mapping"),
         ("log_every", 0, "log_every=0"),
         ("max_length", 1, "max_length=1"),
     ],
@@ -55,7 +59,7 @@ def test_dict_round_trip_and_json_file(tmp_path):
 
 
 def test_from_dict_rejects_unknown_fields_listing_valid_ones():
-    with pytest.raises(RetainFirstError, match=r"unknown train config field\(s\) \['learning_rate'\].*'lr'"):
+    with pytest.raises(RetainFirstError, match=r"unknown key 'learning_rate'; valid keys: steps, lr,"):
         TrainConfig.from_dict({"learning_rate": 1e-5})
 
 
@@ -69,3 +73,23 @@ def test_training_fields_ignore_bookkeeping():
     b = TrainConfig(steps=5, checkpoint_every=0)
     assert a.training_fields() == b.training_fields()
     assert a.training_fields() != TrainConfig(steps=6).training_fields()
+
+
+def test_registry_names_and_their_options_are_checked_at_construction():
+    with pytest.raises(
+        RetainFirstError, match=r"^train config: synthesizer='nope' is not valid; choose one of blur,"
+    ):
+        TrainConfig(synthesizer="nope")
+    with pytest.raises(
+        RetainFirstError,
+        match=r"^train config: forget_kwargs: forget objective 'simnpo': unknown option 'gamma'; "
+        r"valid options: beta",
+    ):
+        TrainConfig(forget_kwargs={"gamma": 1.0})
+    with pytest.raises(
+        RetainFirstError, match=r"synthesizer_options: synthesizer 'sago': unknown option 'eps'"
+    ):
+        TrainConfig(synthesizer_options={"eps": 1e-8})
+    cfg = TrainConfig(synthesizer="pcgrad", synthesizer_options={"eps": 0.0}, forget_loss="npo")
+    assert cfg.forget_kwargs == {}  # the default options belong to the default forget loss
+    cfg.validate()  # still valid

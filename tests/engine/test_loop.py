@@ -234,8 +234,8 @@ def test_rmu_default_trainable_set(worker, tmp_path):
     ("overrides", "data", "message"),
     [
         ({"trainable_patterns": ["no_such_param"]}, None, "trainable pattern 'no_such_param' matches no"),
-        ({"synthesizer": "nope"}, None, "unknown synthesizer 'nope'"),
-        ({"forget_loss": "nope"}, None, "unknown forget objective 'nope'"),
+        ({"synthesizer": "nope"}, None, "synthesizer='nope' is not valid; choose one of"),
+        ({"forget_loss": "nope"}, None, "forget_loss='nope' is not valid; choose one of"),
         ({}, "empty_forget", "forget data is empty"),
         ({}, "empty_retain", "retain data is empty"),
         ({"max_length": 16}, None, "has 24 tokens but at most 16"),

@@ -71,6 +71,7 @@ def test_lora_merge_saves_a_plain_model(worker, tmp_path):
         lora={"r": 2, "target_modules": ["q_proj"]},
         merge_lora=True,
         disable_progress=True,
+        save_final_model=True,
     )
     result = unlearn(model, tokenizer, forget, retain, cfg, tmp_path)
     assert not hasattr(result.model, "peft_config")

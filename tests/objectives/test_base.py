@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retainfirst.errors import RetainFirstError
-from retainfirst.objectives import base
+from retainfirst.objectives import base, get_forget_objective, get_retain_objective
 from retainfirst.objectives.base import scored_mask, sequence_logprobs, token_nll
 
 
@@ -146,12 +146,13 @@ def test_bad_batches_raise_clear_errors(batch, message):
         scored_mask(batch)
 
 
-def test_check_number_rejects_bools_nan_and_out_of_range():
-    assert base.check_number("x", "beta", 2, positive=True) == 2.0
+def test_numeric_options_reject_bools_nan_and_out_of_range():
+    # option validation is each objective's pydantic Options model (check_number is gone)
+    assert get_forget_objective("npo", beta=2).beta == 2.0
     for bad in (True, float("nan"), "1", float("inf")):
         with pytest.raises(RetainFirstError, match="beta"):
-            base.check_number("x", "beta", bad)
-    with pytest.raises(RetainFirstError, match="> 0"):
-        base.check_number("x", "beta", 0, positive=True)
-    with pytest.raises(RetainFirstError, match=">= 0"):
-        base.check_number("x", "coefficient", -1, non_negative=True)
+            get_forget_objective("npo", beta=bad)
+    with pytest.raises(RetainFirstError, match="beta=0 must be > 0"):
+        get_forget_objective("npo", beta=0)
+    with pytest.raises(RetainFirstError, match="coefficient=-1 must be >= 0"):
+        get_retain_objective("embed_diff", coefficient=-1)

@@ -7,14 +7,16 @@ import torch
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.objectives import (
+    FORGET_OBJECTIVES,
     Objective,
+    ObjectiveOptions,
     available_forget_objectives,
     available_retain_objectives,
     get_forget_objective,
     get_retain_objective,
     register_forget_objective,
+    register_retain_objective,
 )
-from retainfirst.objectives.registry import FORGET_OBJECTIVES
 
 
 def test_available_objectives():
@@ -42,34 +44,40 @@ def test_flags_defaults_and_names():
 
 def test_unknown_name_lists_the_choices():
     with pytest.raises(
-        RetainFirstError, match=r"unknown forget objective 'gd'.*'ga', 'npo', 'rmu', 'simnpo'"
+        RetainFirstError, match=r"unknown forget objective 'gd'; valid choices: ga, npo, rmu, simnpo$"
     ):
         get_forget_objective("gd")
-    with pytest.raises(RetainFirstError, match=r"unknown retain objective 'ga'.*'embed_diff', 'kl', 'nll'"):
+    with pytest.raises(
+        RetainFirstError, match=r"unknown retain objective 'ga'; valid choices: embed_diff, kl, nll"
+    ):
         get_retain_objective("ga")
 
 
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(
-        RetainFirstError, match=r"unknown option\(s\) \['gamma'\]; valid options: \['beta', 'delta'\]"
+        RetainFirstError,
+        match=r"^forget objective 'simnpo': unknown option 'gamma'; valid options: beta, delta$",
     ):
         get_forget_objective("simnpo", gamma=0.1)
-    with pytest.raises(RetainFirstError, match="valid options: none"):
+    with pytest.raises(
+        RetainFirstError, match="retain objective 'nll': unknown option 'beta'; valid options: none"
+    ):
         get_retain_objective("nll", beta=1.0)
 
 
 @pytest.mark.parametrize(
     ("kind", "name", "kwargs", "message"),
     [
-        ("forget", "npo", {"beta": 0}, "beta.*> 0"),
-        ("forget", "npo", {"beta": True}, "beta.*number"),
-        ("forget", "simnpo", {"delta": "0.1"}, "delta.*number"),
-        ("forget", "rmu", {"layer": -1}, "layer.*integer >= 0"),
-        ("forget", "rmu", {"layer": 2.0}, "layer.*integer"),
-        ("forget", "rmu", {"steering_coeff": -6.5}, "steering_coeff.*> 0"),
-        ("forget", "rmu", {"trainable_layers": []}, "trainable_layers"),
-        ("forget", "rmu", {"early_exit": "yes"}, "early_exit"),
-        ("retain", "embed_diff", {"coefficient": -1}, "coefficient.*>= 0"),
+        ("forget", "npo", {"beta": 0}, "forget objective 'npo': beta=0 must be > 0"),
+        ("forget", "npo", {"beta": True}, "beta=True is invalid; expected a number"),
+        ("forget", "simnpo", {"delta": "0.1"}, "delta='0.1' is invalid; expected a number"),
+        ("forget", "rmu", {"layer": -1}, "layer=-1 must be an integer >= 0"),
+        ("forget", "rmu", {"layer": 2.5}, "layer=2.5 is invalid; expected an integer"),
+        ("forget", "rmu", {"steering_coeff": -6.5}, "steering_coeff=-6.5 must be > 0"),
+        ("forget", "rmu", {"trainable_layers": []}, r"trainable_layers=\[\] must not be empty"),
+        ("forget", "rmu", {"trainable_layers": [1, -1]}, r"trainable_layers\[1\]=-1 must be an integer >= 0"),
+        ("forget", "rmu", {"early_exit": "yes"}, "early_exit='yes' is invalid; expected true or false"),
+        ("retain", "embed_diff", {"coefficient": -1}, "coefficient=-1 must be >= 0"),
     ],
 )
 def test_bad_values_are_clear_errors(kind, name, kwargs, message):
@@ -81,19 +89,23 @@ def test_bad_values_are_clear_errors(kind, name, kwargs, message):
 def test_register_a_new_objective_and_refuse_a_clash():
     @register_forget_objective("test_constant")
     class Constant(Objective):
-        def __init__(self, *, value: float = 1.0) -> None:
-            super().__init__()
-            self.value = value
+        class Options(ObjectiveOptions):
+            value: float = 1.0
 
         def compute(self, model, batch, reference):
             return torch.tensor(self.value)
 
     try:
         assert get_forget_objective("test_constant", value=2.0).value == 2.0
+        assert get_forget_objective("test_constant").config() == {"value": 1.0}
+        with pytest.raises(RetainFirstError, match="unknown option 'valu'; valid options: value"):
+            get_forget_objective("test_constant", valu=2.0)
         with pytest.raises(RetainFirstError, match="already registered"):
             register_forget_objective("ga")(Constant)
+        with pytest.raises(RetainFirstError, match=r"Constant.kind is 'forget'"):
+            register_retain_objective("test_constant")(Constant)
     finally:
-        FORGET_OBJECTIVES.pop("test_constant")
+        FORGET_OBJECTIVES.unregister("test_constant")
 
 
 def test_stateless_objectives_have_empty_state():

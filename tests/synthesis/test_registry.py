@@ -9,12 +9,14 @@ import torch
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.synthesis import (
+    SYNTHESIZERS,
     Synthesizer,
+    SynthesizerOptions,
     available_synthesizers,
     get_synthesizer,
     register_synthesizer,
-    registry,
 )
+from retainfirst.validation import PositiveFloat
 
 BUILT_INS = {"sum", "retain_only", "pcgrad", "pcgrad_global", "blur", "sago", "sago_prefer_retain"}
 
@@ -56,15 +58,22 @@ def test_options_are_checked():
     assert get_synthesizer("sago", keep_retain_where_forget_zero=True).settings[
         "keep_retain_where_forget_zero"
     ]
-    with pytest.raises(RetainFirstError, match=r"unknown option.*'eps'.*sago.*keep_retain_where_forget_zero"):
+    with pytest.raises(
+        RetainFirstError,
+        match=r"^synthesizer 'sago': unknown option 'eps'; valid options: keep_retain_where_forget_zero$",
+    ):
         get_synthesizer("sago", eps=1e-8)
-    with pytest.raises(RetainFirstError, match="valid options: none"):
+    with pytest.raises(
+        RetainFirstError, match="synthesizer 'sum': unknown option 'eps'; valid options: none"
+    ):
         get_synthesizer("sum", eps=1e-8)
-    with pytest.raises(RetainFirstError, match="true or false"):
+    with pytest.raises(
+        RetainFirstError, match="keep_retain_where_forget_zero='yes' is invalid; expected true or"
+    ):
         get_synthesizer("sago", keep_retain_where_forget_zero="yes")
-    with pytest.raises(RetainFirstError, match="eps must be >= 0"):
+    with pytest.raises(RetainFirstError, match=r"synthesizer 'blur': eps=-1\.0 must be >= 0"):
         get_synthesizer("blur", eps=-1.0)
-    with pytest.raises(RetainFirstError, match="eps must be a finite number"):
+    with pytest.raises(RetainFirstError, match="eps=nan must be a finite number"):
         get_synthesizer("pcgrad", eps=math.nan)
 
 
@@ -117,10 +126,13 @@ def test_bad_all_reduce_result_is_reported():
 def test_register_a_custom_strategy():
     @register_synthesizer("test_half_sum")
     class HalfSum(Synthesizer):
-        """u = (gamma*g_f + alpha*g_r) / 2."""
+        """u = scale * (gamma*g_f + alpha*g_r)."""
+
+        class Options(SynthesizerOptions):
+            scale: PositiveFloat = 0.5
 
         def update_chunk(self, forget, retain, conflict, coefficient):
-            return (forget * self.gamma + retain * self.alpha) / 2, ()
+            return (forget * self.gamma + retain * self.alpha) * self.options.scale, ()
 
     try:
         assert "test_half_sum" in available_synthesizers()
@@ -130,5 +142,8 @@ def test_register_a_custom_strategy():
             register_synthesizer("test_half_sum")(type("Other", (HalfSum,), {}))
         with pytest.raises(RetainFirstError, match="Synthesizer subclass"):
             register_synthesizer("test_not_a_class")(object)
+        assert get_synthesizer("test_half_sum", scale=1.0).settings == {"scale": 1.0}
+        with pytest.raises(RetainFirstError, match="synthesizer 'test_half_sum': scale=0 must be > 0"):
+            get_synthesizer("test_half_sum", scale=0)
     finally:
-        registry._REGISTRY.pop("test_half_sum", None)
+        SYNTHESIZERS.unregister("test_half_sum")

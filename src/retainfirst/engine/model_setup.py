@@ -20,11 +20,14 @@ def apply_lora(model: nn.Module, lora: dict[str, Any], seed: int) -> nn.Module:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from retainfirst.engine.config import LoraOptions
+
+    options = LoraOptions.parse(lora, root="lora")  # its defaults fill the keys the config left out
     config = LoraConfig(
-        r=lora.get("r", 8),
-        lora_alpha=lora.get("alpha", 16),
-        lora_dropout=lora.get("dropout", 0.0),
-        target_modules=lora.get("target_modules") or "all-linear",
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules or "all-linear",
         task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]):  # adapter init depends on the seed only

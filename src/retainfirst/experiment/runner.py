@@ -249,7 +249,7 @@ class _Runner:
                 after = evaluate(result.model, tokenizer, config, prep, sub.name)
                 extra = {"run": sub.name, "family": sub.family, "settings": sub.settings}
                 save_results(after, results_path, extra=extra)
-                if not config.keep_checkpoints:
+                if not config.keep_finished_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             rundir.mark(sub.name, "done", steps_done=result.steps_done)
             del model, result

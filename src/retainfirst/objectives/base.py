@@ -7,13 +7,13 @@ real text must still be scored.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from retainfirst.errors import RetainFirstError
+from retainfirst.validation import Options, parse_options
 
 # Rows of [N, vocab] logits upcast to float32 at a time: bounds the float32 temporaries of bf16 models.
 LOGSUMEXP_CHUNK_ROWS = 1024
@@ -156,23 +156,39 @@ def model_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The objective base class and the kwarg validation used by the registries
+# The objective base class and its options
+
+
+class ObjectiveOptions(Options):
+    """Options of an objective: subclass it as ``Options`` inside the objective (none by default)."""
 
 
 class Objective:
     """A loss computed from ``(model, batch, reference)``; forget and retain objectives share this shape.
 
-    Subclasses set ``name``, ``kind`` and ``needs_reference`` and implement :meth:`compute`. The
-    loss is returned *as minimised* (gradient ascent returns -NLL). ``last_metrics`` holds detached
-    scalars of the last call (floats on read, so logging costs one sync only when an engine asks).
+    Subclasses set ``kind`` ("forget" or "retain": which registry, and which side of the update,
+    an entry point's class belongs to) and ``needs_reference``, declare their keyword options as a
+    nested ``class Options(ObjectiveOptions)`` (pydantic: types, defaults and ranges in one place),
+    and implement :meth:`compute`. Options are read as attributes (``self.beta``). The loss is
+    returned *as minimised* (gradient ascent returns -NLL). ``last_metrics`` holds detached scalars
+    of the last call (floats on read, so logging costs one sync only when an engine asks).
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""  # "forget" | "retain"
     needs_reference: ClassVar[bool] = False
+    Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
+        self.options = parse_options(f"{self.kind} objective {self.name!r}".lstrip(), self.Options, options)
         self._metrics: dict[str, Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        """Options read as attributes: ``self.beta`` is ``self.options.beta``."""
+        options = self.__dict__.get("options")
+        if options is not None and name in type(options).model_fields:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # --- hooks an engine calls -------------------------------------------------------------
     @property
@@ -193,8 +209,8 @@ class Objective:
             raise RetainFirstError(f"objective {self.name!r} has no state, got keys {sorted(state)}")
 
     def config(self) -> dict[str, Any]:
-        """The constructor kwargs (for train_config.json and logs)."""
-        return {}
+        """The validated options (for train_config.json and logs)."""
+        return self.options.model_dump()
 
     @property
     def last_metrics(self) -> dict[str, float]:
@@ -223,44 +239,3 @@ class Objective:
     def __repr__(self) -> str:
         kwargs = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
         return f"{type(self).__name__}({kwargs})"
-
-
-def build_objective(
-    registry: dict[str, type[Objective]], kind: str, name: str, kwargs: dict[str, Any]
-) -> Objective:
-    """Instantiate ``registry[name](**kwargs)``, turning unknown names/kwargs into RetainFirstErrors."""
-    if name not in registry:
-        raise RetainFirstError(f"unknown {kind} objective {name!r}; choose one of {sorted(registry)}")
-    cls = registry[name]
-    params = inspect.signature(cls.__init__).parameters
-    valid = [p for p in params if p != "self" and params[p].kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise RetainFirstError(
-            f"{kind} objective {name!r} got unknown option(s) {unknown}; valid options: {valid or 'none'}"
-        )
-    return cls(**kwargs)
-
-
-def check_number(
-    objective: str, option: str, value: Any, *, positive: bool = False, non_negative: bool = False
-) -> float:
-    """Validate a numeric option (bool is rejected: ``beta: true`` in YAML is a typo, not 1.0)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise RetainFirstError(f"{objective}: option {option!r} must be a number, got {value!r}")
-    if positive and not value > 0:
-        raise RetainFirstError(f"{objective}: option {option!r} must be > 0, got {value!r}")
-    if non_negative and not value >= 0:
-        raise RetainFirstError(f"{objective}: option {option!r} must be >= 0, got {value!r}")
-    if value in (float("inf"), float("-inf")):
-        raise RetainFirstError(f"{objective}: option {option!r} must be finite, got {value!r}")
-    return float(value)
-
-
-def check_int(objective: str, option: str, value: Any, *, minimum: int = 0) -> int:
-    """Validate an integer option such as a layer index or a seed."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RetainFirstError(
-            f"{objective}: option {option!r} must be an integer >= {minimum}, got {value!r}"
-        )
-    return value

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.objectives.base import (
     Objective,
-    check_int,
-    check_number,
+    ObjectiveOptions,
     masked_mse,
     model_logits,
     require_tokens,
@@ -27,6 +27,7 @@ from retainfirst.objectives.base import (
 )
 from retainfirst.objectives.layers import check_layer, decoder_layers, layer_output
 from retainfirst.objectives.registry import register_forget_objective
+from retainfirst.validation import Float, NonNegativeInt, PositiveFloat
 
 
 def _scored_sequence_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -59,12 +60,8 @@ class NPO(Objective):
 
     needs_reference = True
 
-    def __init__(self, *, beta: float = 0.1) -> None:
-        super().__init__()
-        self.beta = check_number("forget objective 'npo'", "beta", beta, positive=True)
-
-    def config(self) -> dict[str, Any]:
-        return {"beta": self.beta}
+    class Options(ObjectiveOptions):
+        beta: PositiveFloat = 0.1
 
     def compute(self, model: nn.Module, batch: dict[str, Tensor], reference: Any) -> Tensor:
         sums, counts = _scored_sequence_logprobs(model, batch)
@@ -90,13 +87,9 @@ class SimNPO(Objective):
     code's defaults (its TOFU setting); the paper's WMDP runs use beta 0.02-0.1 and delta 0.1.
     """
 
-    def __init__(self, *, beta: float = 2.5, delta: float = 0.0) -> None:
-        super().__init__()
-        self.beta = check_number("forget objective 'simnpo'", "beta", beta, positive=True)
-        self.delta = check_number("forget objective 'simnpo'", "delta", delta)
-
-    def config(self) -> dict[str, Any]:
-        return {"beta": self.beta, "delta": self.delta}
+    class Options(ObjectiveOptions):
+        beta: PositiveFloat = 2.5
+        delta: Float = 0.0
 
     def compute(self, model: nn.Module, batch: dict[str, Tensor], reference: Any) -> Tensor:
         sums, counts = _scored_sequence_logprobs(model, batch)
@@ -130,41 +123,16 @@ class RMU(Objective):
     objective ``embed_diff`` at the same ``layer`` (``retain_layer``).
     """
 
-    def __init__(
-        self,
-        *,
-        layer: int = 7,
-        steering_coeff: float = 6.5,
-        seed: int | None = None,
-        trainable_layers: list[int] | None = None,
-        early_exit: bool = True,
-    ) -> None:
-        super().__init__()
-        what = "forget objective 'rmu'"
-        self.layer = check_int(what, "layer", layer)
-        self.steering_coeff = check_number(what, "steering_coeff", steering_coeff, positive=True)
-        self.seed = None if seed is None else check_int(what, "seed", seed)
-        if trainable_layers is not None:
-            if not isinstance(trainable_layers, list | tuple) or not trainable_layers:
-                raise RetainFirstError(
-                    f"{what}: 'trainable_layers' must be a non-empty list of layer indices, "
-                    f"got {trainable_layers!r}"
-                )
-            trainable_layers = [check_int(what, "trainable_layers", index) for index in trainable_layers]
-        self.trainable_layers = trainable_layers
-        if not isinstance(early_exit, bool):
-            raise RetainFirstError(f"{what}: 'early_exit' must be true or false, got {early_exit!r}")
-        self.early_exit = early_exit
-        self.control_vector: Tensor | None = None  # float32 [d], on CPU
+    class Options(ObjectiveOptions):
+        layer: NonNegativeInt = 7
+        steering_coeff: PositiveFloat = 6.5
+        seed: NonNegativeInt | None = None  # None: the run's seed
+        trainable_layers: Annotated[list[NonNegativeInt], Field(min_length=1)] | None = None
+        early_exit: bool = True
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "steering_coeff": self.steering_coeff,
-            "seed": self.seed,
-            "trainable_layers": self.trainable_layers,
-            "early_exit": self.early_exit,
-        }
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.control_vector: Tensor | None = None  # float32 [d], on CPU
 
     @property
     def retain_layer(self) -> int:

@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retainfirst.errors import RetainFirstError
 from retainfirst.objectives.base import (
     Objective,
-    check_int,
-    check_number,
+    ObjectiveOptions,
     masked_mse,
     model_logits,
     predicted_mask,
@@ -25,6 +23,7 @@ from retainfirst.objectives.base import (
 )
 from retainfirst.objectives.layers import check_layer, layer_output
 from retainfirst.objectives.registry import register_retain_objective
+from retainfirst.validation import NonNegativeFloat, NonNegativeInt
 
 
 @register_retain_objective("nll")
@@ -77,17 +76,10 @@ class EmbedDiff(Objective):
 
     needs_reference = True
 
-    def __init__(self, *, layer: int = 7, coefficient: float = 1.0, early_exit: bool = True) -> None:
-        super().__init__()
-        what = "retain objective 'embed_diff'"
-        self.layer = check_int(what, "layer", layer)
-        self.coefficient = check_number(what, "coefficient", coefficient, non_negative=True)
-        if not isinstance(early_exit, bool):
-            raise RetainFirstError(f"{what}: 'early_exit' must be true or false, got {early_exit!r}")
-        self.early_exit = early_exit
-
-    def config(self) -> dict[str, Any]:
-        return {"layer": self.layer, "coefficient": self.coefficient, "early_exit": self.early_exit}
+    class Options(ObjectiveOptions):
+        layer: NonNegativeInt = 7
+        coefficient: NonNegativeFloat = 1.0
+        early_exit: bool = True
 
     def setup(self, model: nn.Module, seed: int = 0) -> None:
         check_layer(model, self.layer, "retain objective 'embed_diff'")

@@ -12,20 +12,28 @@ holds only a shard of each gradient (FSDP).
 
 Built-in strategies (exact rules in :mod:`retainfirst.synthesis.strategies`): ``sum``,
 ``pcgrad``, ``pcgrad_global``, ``sago`` (option ``keep_retain_where_forget_zero``),
-``sago_prefer_retain``, ``blur`` and the baseline ``retain_only``. Stats always include
-conflict_fraction, cos_forget_retain, cos_update_retain, cos_update_forget, norm_forget,
+``sago_prefer_retain``, ``blur`` and the baseline ``retain_only``; other packages add strategies
+through the ``retainfirst.synthesizers`` entry-point group (see :mod:`retainfirst.registry`).
+Stats always include conflict_fraction, cos_forget_retain, cos_update_retain, cos_update_forget, norm_forget,
 norm_retain, norm_update; pcgrad* add projected_fraction, sago* replaced_fraction,
 pcgrad_global and blur projection_coefficient.
 """
 
 from retainfirst.synthesis import strategies as _strategies  # noqa: F401  (registers the built-ins)
-from retainfirst.synthesis.base import AllReduceFn, PairSums, Synthesizer
-from retainfirst.synthesis.registry import available_synthesizers, get_synthesizer, register_synthesizer
+from retainfirst.synthesis.base import AllReduceFn, PairSums, Synthesizer, SynthesizerOptions
+from retainfirst.synthesis.registry import (
+    SYNTHESIZERS,
+    available_synthesizers,
+    get_synthesizer,
+    register_synthesizer,
+)
 
 __all__ = [
+    "SYNTHESIZERS",
     "AllReduceFn",
     "PairSums",
     "Synthesizer",
+    "SynthesizerOptions",
     "available_synthesizers",
     "get_synthesizer",
     "register_synthesizer",

@@ -25,13 +25,13 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from retainfirst.errors import RetainFirstError
+from retainfirst.validation import NonNegativeFloat, Options, parse_options
 
 AllReduceFn = Callable[[Tensor], Tensor]
 """Sums a 1-D float32 tensor of partial sums across ranks and returns the summed tensor."""
@@ -75,13 +75,13 @@ class PairSums:
         return math.fsum(self.dot)
 
 
-def _check_weight(label: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise RetainFirstError(f"synthesizer weight {label} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise RetainFirstError(f"synthesizer weight {label} must be finite and >= 0, got {value!r}")
-    return value
+class SynthesizerOptions(Options):
+    """Options of a strategy: subclass it as ``Options`` inside the strategy (none by default)."""
+
+
+class _Weights(Options):
+    alpha: NonNegativeFloat = 1.0
+    gamma: NonNegativeFloat = 1.0
 
 
 def _cos(dot: float, a_sq: float, b_sq: float) -> float:
@@ -214,9 +214,10 @@ class Synthesizer(ABC):
 
     Weights: ``gamma`` scales the forget side, ``alpha`` the retain side; both finite and >= 0.
 
-    Subclasses set ``options`` (name -> default; the defaults' types are enforced), set
+    Subclasses declare their options as a nested ``class Options(SynthesizerOptions)`` (pydantic:
+    types, defaults and ranges in one place; unknown keys are rejected), set
     ``needs_pair_sums = True`` when the update depends on global per-tensor sums (then implement
-    :meth:`prepare`), and implement :meth:`update_chunk`.
+    :meth:`prepare`), and implement :meth:`update_chunk`. Options are read as ``self.options.eps``.
 
     ``combine`` consumes its inputs: ``update[i]`` is written into the storage of ``retain_grads[i]``
     (or of ``forget_grads[i]`` when the retain gradient is None), so callers must not read either
@@ -224,7 +225,7 @@ class Synthesizer(ABC):
     """
 
     name: ClassVar[str] = ""
-    options: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type[SynthesizerOptions]] = SynthesizerOptions
     needs_pair_sums: ClassVar[bool] = False
     """True when the update needs globally reduced per-tensor sums first (a separate first pass)."""
     uses_conflict_mask: ClassVar[bool] = False
@@ -233,35 +234,16 @@ class Synthesizer(ABC):
     """Names of per-element counts returned by :meth:`update_chunk`, reported as fractions."""
 
     def __init__(self, alpha: float = 1.0, gamma: float = 1.0, **options: Any) -> None:
-        self.alpha = _check_weight("alpha", alpha)
-        self.gamma = _check_weight("gamma", gamma)
-        unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            valid = ", ".join(sorted(self.options)) or "none"
-            raise RetainFirstError(
-                f"unknown option(s) {', '.join(map(repr, unknown))} for synthesizer {self.name!r}; "
-                f"valid options: {valid}"
-            )
-        self.settings: dict[str, Any] = {}
-        for key, default in self.options.items():
-            self.settings[key] = self._check_option(key, options.get(key, default), default)
+        owner = f"synthesizer {self.name!r}"
+        weights = parse_options(owner, _Weights, {"alpha": alpha, "gamma": gamma})
+        self.alpha: float = weights.alpha
+        self.gamma: float = weights.gamma
+        self.options = parse_options(owner, self.Options, options)
 
-    def _check_option(self, key: str, value: Any, default: Any) -> Any:
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise RetainFirstError(
-                    f"synthesizer {self.name!r} option {key} must be true or false, got {value!r}"
-                )
-            return value
-        if isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-                raise RetainFirstError(
-                    f"synthesizer {self.name!r} option {key} must be a finite number, got {value!r}"
-                )
-            if float(value) < 0:
-                raise RetainFirstError(f"synthesizer {self.name!r} option {key} must be >= 0, got {value!r}")
-            return float(value)
-        return value
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The validated options as plain data (for logs and reprs)."""
+        return self.options.model_dump()
 
     def __repr__(self) -> str:
         extras = "".join(f", {key}={value!r}" for key, value in self.settings.items())

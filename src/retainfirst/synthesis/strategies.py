@@ -7,13 +7,14 @@ scope: one parameter tensor ("per tensor") or all parameters together ("global")
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from retainfirst.synthesis.base import PairSums, Synthesizer
+from retainfirst.synthesis.base import PairSums, Synthesizer, SynthesizerOptions
 from retainfirst.synthesis.registry import register_synthesizer
+from retainfirst.validation import NonNegativeFloat
 
 _NO_COUNTS: tuple[Tensor, ...] = ()
 
@@ -64,12 +65,14 @@ class PCGradSynthesizer(Synthesizer):
     Option ``eps`` (default 1e-10) keeps the division finite.
     """
 
-    options: ClassVar[dict[str, Any]] = {"eps": 1e-10}
+    class Options(SynthesizerOptions):
+        eps: NonNegativeFloat = 1e-10  # keeps the division finite
+
     needs_pair_sums = True
 
     def _projection(self, dot: float, retain_sq: float) -> float:
         """c = d / (||g_r||^2 + eps) when d < 0, else 0 (no projection)."""
-        denominator = retain_sq + self.settings["eps"]
+        denominator = retain_sq + self.options.eps
         if dot >= 0 or denominator <= 0:
             return 0.0
         return dot / denominator
@@ -120,11 +123,13 @@ class BLURSynthesizer(Synthesizer):
     Stats: ``projection_coefficient`` c. Option ``eps`` (default 1e-10).
     """
 
-    options: ClassVar[dict[str, Any]] = {"eps": 1e-10}
+    class Options(SynthesizerOptions):
+        eps: NonNegativeFloat = 1e-10
+
     needs_pair_sums = True
 
     def prepare(self, sums: PairSums) -> tuple[list[Any], dict[str, float]]:
-        denominator = sums.total_forget_sq + self.settings["eps"]
+        denominator = sums.total_forget_sq + self.options.eps
         coefficient = sums.total_dot / denominator if denominator > 0 else 0.0
         weight = self.gamma - self.alpha * coefficient
         return [weight] * len(sums.dot), {"projection_coefficient": coefficient}
@@ -153,7 +158,9 @@ class SAGOSynthesizer(Synthesizer):
     gamma*g_f (equals conflict_fraction under the published rule).
     """
 
-    options: ClassVar[dict[str, Any]] = {"keep_retain_where_forget_zero": False}
+    class Options(SynthesizerOptions):
+        keep_retain_where_forget_zero: bool = False
+
     uses_conflict_mask = True
     element_counters = ("replaced_fraction",)
 
@@ -162,7 +169,7 @@ class SAGOSynthesizer(Synthesizer):
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         assert conflict is not None
         take_retain = conflict  # float 0/1: selecting by exact products is exact and fast
-        if self.settings["keep_retain_where_forget_zero"]:
+        if self.options.keep_retain_where_forget_zero:
             forget_zero = torch.sign(forget).abs_().neg_().add_(1)
             take_retain = forget_zero.mul_(torch.sign(retain).abs_()).add_(conflict)  # disjoint sets
         update = retain.mul(self.alpha).mul_(take_retain)

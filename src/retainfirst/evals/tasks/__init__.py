@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.tasks.base import EvalTask, Headline, Role, TaskContext
+from retainfirst.registry import TASKS
 
 if TYPE_CHECKING:
     from retainfirst.config import RunConfig
 
-_REGISTRY: dict[str, type[EvalTask]] = {}
 PARAM_SEPARATOR = ":"
 
 TaskClass = TypeVar("TaskClass", bound=type[EvalTask])
@@ -37,13 +37,8 @@ def register_task(name: str) -> Callable[[TaskClass], TaskClass]:
     def decorate(cls: TaskClass) -> TaskClass:
         if not (isinstance(cls, type) and issubclass(cls, EvalTask)):
             raise RetainFirstError(f"register_task({name!r}) must decorate an EvalTask subclass")
-        if key in _REGISTRY and _REGISTRY[key] is not cls:
-            raise RetainFirstError(
-                f"task name {key!r} is already registered by {_REGISTRY[key].__qualname__}; pick another name"
-            )
-        cls.name = key
+        TASKS.add(key, cls)  # a taken name is an error: a plugin cannot replace a built-in task
         cls().headlines() if not cls.parametrised else None  # metadata errors surface at import
-        _REGISTRY[key] = cls
         return cls
 
     return decorate
@@ -51,17 +46,18 @@ def register_task(name: str) -> Callable[[TaskClass], TaskClass]:
 
 def unregister_task(name: str) -> None:
     """Remove a task (tests that register a throw-away task clean up with this)."""
-    _REGISTRY.pop(name, None)
+    TASKS.unregister(name)
 
 
 def available_tasks() -> list[str]:
     """Task names a config may list, sorted (a parametrised one shows as ``name:<task>``)."""
-    return sorted(f"{k}{PARAM_SEPARATOR}<task>" if c.parametrised else k for k, c in _REGISTRY.items())
+    return sorted(f"{k}{PARAM_SEPARATOR}<task>" if _class(k).parametrised else k for k in TASKS.available())
 
 
 def task_classes() -> list[type[EvalTask]]:
     """Registered task classes in registration order (the order of the report's columns)."""
-    return list(_REGISTRY.values())
+    TASKS.available()  # loads plugin entry points
+    return [_class(k) for k in TASKS.registered()]
 
 
 def get_task(name: str) -> EvalTask:
@@ -69,12 +65,24 @@ def get_task(name: str) -> EvalTask:
     if not isinstance(name, str):
         raise RetainFirstError(f"task name must be a string, got {type(name).__name__}")
     key, sep, param = name.strip().partition(PARAM_SEPARATOR)
-    cls = _REGISTRY.get(key)
-    if cls is None:
-        raise RetainFirstError(f"{name!r} is not valid; choose one of {', '.join(available_tasks())}")
+    try:
+        cls = _class(key)
+    except RetainFirstError:
+        if key and TASKS.failed_to_load(key):
+            raise  # the plugin's own load error says what is wrong
+        raise RetainFirstError(
+            f"{name!r} is not valid; choose one of {', '.join(available_tasks())}"
+        ) from None
     if sep and not param:
         raise RetainFirstError(f"{name!r} needs a task name after {key}{PARAM_SEPARATOR}")
     return cls(param or None)
+
+
+def _class(key: str) -> type[EvalTask]:
+    cls = TASKS.lookup(key)
+    if not (isinstance(cls, type) and issubclass(cls, EvalTask)):
+        raise RetainFirstError(f"task plugin {key!r} is not an EvalTask subclass ({cls!r})")
+    return cls
 
 
 def get_tasks(names: Sequence[str]) -> list[EvalTask]:
