@@ -39,9 +39,10 @@ from retainfirst.engine.checkpoint import (
     CheckpointWriter,
     latest_checkpoint,
     load_model_state,
-    load_rng_state,
-    load_training_state,
     model_state,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
 )
 from retainfirst.engine.config import TrainConfig
 from retainfirst.engine.grads import (
@@ -113,7 +114,7 @@ def unlearn(
             "resuming an FSDP run is not supported yet (checkpoints keep only rank 0's optimizer shard); "
             f"start a new run from the weights in {resume_from}"
         )
-    saved_state = load_training_state(resume_from) if resume_from is not None else None
+    saved_state = read_checkpoint(resume_from, rank) if resume_from is not None else None
     if saved_state is not None:
         check_same_run(saved_state["config"], cfg, resume_from, world, saved_state["num_processes"])
 
@@ -139,7 +140,7 @@ def unlearn(
     needs_reference = forget.needs_reference or retain.needs_reference
     reference = make_reference(model) if needs_reference else None  # before loading a checkpoint
     if resume_from is not None:
-        load_model_state(model, resume_from, lora)
+        load_model_state(model, saved_state["model"], lora, resume_from)
         forget.load_state_dict(saved_state["forget_objective"])
         retain.load_state_dict(saved_state["retain_objective"])
 
@@ -177,7 +178,7 @@ def unlearn(
         forget_stream.position = saved_state["forget_position"]
         retain_stream.position = saved_state["retain_position"]
         start_step = saved_state["step"]
-        load_rng_state(resume_from, rank)  # last, so nothing above consumes the restored streams
+        set_rng_state(saved_state["rng"])  # last, so nothing above consumes the restored streams
 
     # ---- run files ---------------------------------------------------------------------------
     metrics_path = out_dir / "metrics.jsonl"
@@ -315,8 +316,9 @@ def unlearn(
                 full_state = accelerator.get_state_dict(model) if is_fsdp else None
                 final_checkpoint = checkpointer.save(
                     step,
-                    model_state(unwrapped, lora, full_state),
                     {
+                        "model": model_state(unwrapped, lora, full_state),
+                        "rng": rng_state(),
                         "step": step,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
