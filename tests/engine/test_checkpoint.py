@@ -327,3 +327,28 @@ def test_rng_state_round_trip_through_json_and_safetensors(tmp_path):
     assert random.random() == expected[0]
     assert np.random.standard_normal(3).tolist() == expected[1]
     assert torch.equal(torch.rand(3), expected[2])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("config"), r"training_state.json holds no valid train config \(KeyError"),
+        (
+            lambda s: s.update(forget_position="abc"),
+            r"training_state.json does not fit this run \(ValueError",
+        ),
+        (
+            lambda s: s["optimizer"].pop("param_groups"),
+            r"training_state.json does not fit this run \(KeyError",
+        ),
+    ],
+)
+def test_training_state_that_does_not_fit_is_one_error_line(run, worker, edit, message):
+    step = run / "checkpoints" / "step-2"
+    state = json.loads((step / "training_state.json").read_text())
+    edit(state)
+    (step / "training_state.json").write_text(json.dumps(state))
+    write_manifest(step)
+    with pytest.raises(RetainFirstError, match=message) as error:
+        resume(worker, run)
+    assert "\n" not in str(error.value)
