@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import retainfirst.objectives as objectives
 import retainfirst.synthesis as synthesis
@@ -359,3 +361,36 @@ def test_half_written_checkpoints_are_cleaned_and_resume_without_checkpoint_star
     result = unlearn(model, tokenizer, forget, retain, config(steps=2), tmp_path, resume=True)
     assert result.steps_done == 2 and not partial.exists()
     assert [r["step"] for r in read_metrics(result.metrics_path)] == [1, 2]
+
+
+def test_bf16_weights_train_with_float32_moments_and_resume_exactly(worker, tmp_path):
+    """bf16 *weights* (no autocast): finite losses, float32 Adam moments, bit-identical resume."""
+
+    def bf16_setup():
+        model, tokenizer, forget, retain = worker.tiny_setup()
+        return model.to(torch.bfloat16), tokenizer, forget, retain
+
+    cfg = config(steps=4, checkpoint_every=2, lr=1e-2, weight_decay=0.01)
+    model, tokenizer, forget, retain = bf16_setup()
+    result = unlearn(model, tokenizer, forget, retain, cfg, tmp_path / "full")
+    records = read_metrics(result.metrics_path)
+    assert len(records) == 4 and all(math.isfinite(r["forget_loss"]) for r in records)
+    assert all(p.dtype == torch.bfloat16 for p in result.model.parameters())
+    step = tmp_path / "full" / "checkpoints" / "step-2"
+    moments = load_file(str(step / "training_state.safetensors"))
+    exp_avg_sq = [v for k, v in moments.items() if k.endswith(".exp_avg_sq")]
+    assert exp_avg_sq and all(v.dtype == torch.float32 for v in exp_avg_sq)
+    assert load_file(str(step / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-4")
+    (resumed_dir / "checkpoints" / "latest").write_text("step-2\n")
+    model, tokenizer, forget, retain = bf16_setup()
+    resumed = unlearn(model, tokenizer, forget, retain, cfg, resumed_dir, resume=True)
+    assert resumed.steps_done == 4
+    full, again = weights(result.model), weights(resumed.model)
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    timing = {"seconds_per_step", "synthesis_seconds"}
+    untimed = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert untimed(read_metrics(resumed.metrics_path)) == untimed(records)

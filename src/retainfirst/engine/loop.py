@@ -56,6 +56,7 @@ from retainfirst.engine.grads import (
 from retainfirst.engine.loss_scale import LossScale
 from retainfirst.engine.metrics import MetricsWriter, truncate_after
 from retainfirst.engine.model_setup import apply_lora, enable_gradient_checkpointing, select_trainable
+from retainfirst.engine.optim import Float32AdamW
 from retainfirst.errors import NonFiniteError, RetainFirstError
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -403,9 +404,7 @@ class Unlearner:
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with float32 moments (see engine/optim.py), whatever the parameter dtype."""
-    return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
+    return Float32AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
