@@ -352,3 +352,18 @@ def test_training_state_that_does_not_fit_is_one_error_line(run, worker, edit, m
     with pytest.raises(RetainFirstError, match=message) as error:
         resume(worker, run)
     assert "\n" not in str(error.value)
+
+
+def test_cuda_rng_states_round_trip(tmp_path, monkeypatch):
+    """The CUDA branch (no GPU here): per-device byte tensors go to safetensors and come back."""
+    from retainfirst.engine.checkpoint import read_tree, write_tree
+
+    devices = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    write_tree(tmp_path, "rng", rng_state())
+    assert set(load_file(str(tmp_path / "rng.safetensors"))) == {"torch", "cuda.0", "cuda.1"}
+    set_rng_state(read_tree(tmp_path, "rng"))
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, devices, strict=True))
