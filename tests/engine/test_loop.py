@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
+from typing import ClassVar
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import retainfirst.objectives as objectives
 import retainfirst.synthesis as synthesis
+from retainfirst.data import collate
 from retainfirst.engine import TrainConfig, read_metrics, unlearn
+from retainfirst.engine.batches import ExampleStream
 from retainfirst.errors import NonFiniteError, RetainFirstError
 from retainfirst.objectives.base import token_nll
+from retainfirst.synthesis import register_synthesizer
+from retainfirst.synthesis.strategies import SumSynthesizer
 
 REQUIRED_KEYS = {
     "step",
@@ -143,34 +151,116 @@ def test_sum_synthesizer_applies_gamma_f_plus_alpha_r(worker, tmp_path, record_s
             torch.testing.assert_close(u, 2.0 * g_f + 0.5 * g_r)
 
 
-def test_synthesizer_choice_changes_the_weights(worker, tmp_path):
-    finals = {}
-    for name in ("sum", "sago"):
-        model, tokenizer, forget, retain = worker.tiny_setup()
-        result = unlearn(model, tokenizer, forget, retain, config(steps=2, synthesizer=name), tmp_path / name)
-        finals[name] = weights(result.model)
-    assert any(not torch.equal(finals["sum"][k], finals["sago"][k]) for k in finals["sum"])
+@register_synthesizer("test_recording_sum")
+class RecordingSum(SumSynthesizer):
+    """The plain weighted sum, keeping clones of the (g_f, g_r) the loop hands it at every step."""
+
+    calls: ClassVar[list[tuple[list, list]]] = []
+
+    def combine(self, forget_grads, retain_grads, all_reduce_fn=None):
+        clone = lambda grads: [None if g is None else g.detach().clone() for g in grads]  # noqa: E731
+        RecordingSum.calls.append((clone(forget_grads), clone(retain_grads)))
+        return super().combine(forget_grads, retain_grads, all_reduce_fn)
 
 
-def test_accumulation_2x2_equals_one_batch_of_4(worker, tmp_path):
-    results = []
+@pytest.fixture
+def recorded():
+    RecordingSum.calls.clear()
+    yield RecordingSum.calls
+    RecordingSum.calls.clear()
+
+
+def float64_setup(worker):
+    model, tokenizer, forget, retain = worker.tiny_setup()
+    return model.double(), tokenizer, forget, retain
+
+
+def autograd_gradients(model, tokenizer, forget, retain, cfg, streams, reference):
+    """g_f and g_r of one optimizer step computed independently: autograd of the mean micro-batch losses."""
+    forget_objective = objectives.get_forget_objective(cfg.forget_loss, **cfg.forget_kwargs)
+    retain_objective = objectives.get_retain_objective(cfg.retain_loss, **cfg.retain_kwargs)
+    params = [p for _, p in model.named_parameters()]
+    forget_total = retain_total = 0.0
+    for _ in range(cfg.gradient_accumulation_steps):
+        forget_batch = collate(
+            [forget[i] for i in streams[0].take(cfg.forget_batch_size)], tokenizer.pad_token_id
+        )
+        retain_batch = collate(
+            [retain[i] for i in streams[1].take(cfg.retain_batch_size)], tokenizer.pad_token_id
+        )
+        forget_total = forget_total + forget_objective.loss(model, forget_batch, reference)
+        retain_total = retain_total + retain_objective.loss(model, retain_batch, reference)
+    steps = cfg.gradient_accumulation_steps
+    g_f = torch.autograd.grad(forget_total / steps, params, allow_unused=True)
+    g_r = torch.autograd.grad(retain_total / steps, params, allow_unused=True)
+    return g_f, g_r
+
+
+@pytest.mark.parametrize("forget_loss", ["ga", "npo"])
+def test_loop_hands_the_synthesizer_the_exact_forget_and_retain_gradients(
+    worker, tmp_path, recorded, forget_loss
+):
+    """float64 tiny Llama: the loop's g_f and g_r equal separately computed autograd gradients."""
+    model, tokenizer, forget, retain = float64_setup(worker)
+    initial = copy.deepcopy(model)
+    cfg = config(
+        steps=2,
+        synthesizer="test_recording_sum",
+        alpha=0.3,
+        gamma=1.7,
+        forget_loss=forget_loss,
+        gradient_accumulation_steps=2,
+        forget_batch_size=3,
+        retain_batch_size=2,
+        checkpoint_every=1,
+    )
+    unlearn(model, tokenizer, forget, retain, cfg, tmp_path)
+    assert len(recorded) == 2
+
+    reference = objectives.make_reference(copy.deepcopy(initial)) if forget_loss == "npo" else None
+    streams = (ExampleStream(len(forget), cfg.seed, "forget"), ExampleStream(len(retain), cfg.seed, "retain"))
+    check = copy.deepcopy(initial).train()
+    for step, (forget_grads, retain_grads) in enumerate(recorded):
+        if step == 1:  # the weights after the first update, as checkpointed by the loop
+            check.load_state_dict(
+                load_file(str(tmp_path / "checkpoints" / "step-1" / "model.safetensors")), strict=False
+            )
+        expected_f, expected_r = autograd_gradients(check, tokenizer, forget, retain, cfg, streams, reference)
+        for got, want in ((forget_grads, expected_f), (retain_grads, expected_r)):
+            assert len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                assert g.dtype == torch.float64
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
+        assert any(not torch.allclose(f, r) for f, r in zip(forget_grads, retain_grads, strict=True))
+
+
+def test_accumulation_2x2_equals_one_batch_of_4(worker, tmp_path, recorded):
+    """float64, so summation-order differences (~1e-16) stay far below the tolerances, even after Adam."""
+    runs = []
     for batch, accumulation in ((4, 1), (2, 2)):
-        model, tokenizer, forget, retain = worker.tiny_setup()
+        recorded.clear()
+        model, tokenizer, forget, retain = float64_setup(worker)
         cfg = config(
             steps=3,
-            synthesizer="pcgrad",
+            synthesizer="test_recording_sum",
+            alpha=0.5,
+            gamma=2.0,
             forget_batch_size=batch,
             retain_batch_size=batch,
             gradient_accumulation_steps=accumulation,
         )
         result = unlearn(model, tokenizer, forget, retain, cfg, tmp_path / f"b{batch}")
-        results.append((weights(result.model), read_metrics(result.metrics_path)))
-    (w_one, m_one), (w_acc, m_acc) = results
+        runs.append((weights(result.model), read_metrics(result.metrics_path), list(recorded)))
+    (w_one, m_one, g_one), (w_acc, m_acc, g_acc) = runs
+    assert len(g_one) == len(g_acc) == 3
+    for (f_one, r_one), (f_acc, r_acc) in zip(g_one, g_acc, strict=True):
+        for a, b in zip(f_one + r_one, f_acc + r_acc, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
     for name in w_one:
-        torch.testing.assert_close(w_acc[name], w_one[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_acc[name], w_one[name], rtol=0, atol=1e-10)
     for a, b in zip(m_one, m_acc, strict=True):
-        assert a["forget_loss"] == pytest.approx(b["forget_loss"], rel=1e-5)
-        assert a["norm_retain"] == pytest.approx(b["norm_retain"], rel=1e-4)
+        assert a["forget_loss"] == pytest.approx(b["forget_loss"], rel=1e-6)  # logged as float32
+        assert a["norm_retain"] == pytest.approx(b["norm_retain"], rel=1e-6)  # stats are float32 sums
 
 
 class SpyRetain:
@@ -359,3 +449,36 @@ def test_half_written_checkpoints_are_cleaned_and_resume_without_checkpoint_star
     result = unlearn(model, tokenizer, forget, retain, config(steps=2), tmp_path, resume=True)
     assert result.steps_done == 2 and not partial.exists()
     assert [r["step"] for r in read_metrics(result.metrics_path)] == [1, 2]
+
+
+def test_bf16_weights_train_with_float32_moments_and_resume_exactly(worker, tmp_path):
+    """bf16 *weights* (no autocast): finite losses, float32 Adam moments, bit-identical resume."""
+
+    def bf16_setup():
+        model, tokenizer, forget, retain = worker.tiny_setup()
+        return model.to(torch.bfloat16), tokenizer, forget, retain
+
+    cfg = config(steps=4, checkpoint_every=2, lr=1e-2, weight_decay=0.01)
+    model, tokenizer, forget, retain = bf16_setup()
+    result = unlearn(model, tokenizer, forget, retain, cfg, tmp_path / "full")
+    records = read_metrics(result.metrics_path)
+    assert len(records) == 4 and all(math.isfinite(r["forget_loss"]) for r in records)
+    assert all(p.dtype == torch.bfloat16 for p in result.model.parameters())
+    step = tmp_path / "full" / "checkpoints" / "step-2"
+    moments = load_file(str(step / "training_state.safetensors"))
+    exp_avg_sq = [v for k, v in moments.items() if k.endswith(".exp_avg_sq")]
+    assert exp_avg_sq and all(v.dtype == torch.float32 for v in exp_avg_sq)
+    assert load_file(str(step / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-4")
+    (resumed_dir / "checkpoints" / "latest").write_text("step-2\n")
+    model, tokenizer, forget, retain = bf16_setup()
+    resumed = unlearn(model, tokenizer, forget, retain, cfg, resumed_dir, resume=True)
+    assert resumed.steps_done == 4
+    full, again = weights(result.model), weights(resumed.model)
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    timing = {"seconds_per_step", "synthesis_seconds"}
+    untimed = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert untimed(read_metrics(resumed.metrics_path)) == untimed(records)

@@ -139,9 +139,9 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     single_out = tmp_path / "single"
     run_in_process(worker, single_out, *common, "--forget-batch-size", "4", "--retain-batch-size", "4")
 
-    assert sorted(p.name for p in (ddp_out / "checkpoints" / "step-3").glob("rng_rank*.pt")) == [
-        "rng_rank0.pt",
-        "rng_rank1.pt",
+    assert sorted(p.name for p in (ddp_out / "checkpoints" / "step-3").glob("rng_rank*.json")) == [
+        "rng_rank0.json",
+        "rng_rank1.json",
     ]
     ddp, single = final_weights(ddp_out, 3), final_weights(single_out, 3)
     for name, tensor in single.items():

@@ -1,14 +1,18 @@
 """The unlearning loop: two passes per micro-batch, one synthesized update per optimizer step.
 
-One optimizer step, read top to bottom in :func:`unlearn`:
+:class:`Unlearner` reads top to bottom like one step of training:
 
-1. for each micro-batch: forward+backward of the forget loss, then move those gradients into a
-   stash (the forget graph is freed before the retain forward runs); forward+backward of the retain
-   loss (accumulating in ``param.grad``). Losses are divided by the accumulation steps (by
-   ``accelerator.backward``) so gradients are means.
-2. at the accumulation boundary: average both gradient lists over processes, synthesize the update
-   from (forget, retain), write it into ``param.grad``, clip, optimizer step, LR schedule step.
-3. log one metrics line, checkpoint when due.
+1. :meth:`Unlearner.micro_step`: forward+backward of the forget loss, then move those gradients
+   into a stash (the forget graph is freed before the retain forward runs); forward+backward of
+   the retain loss (accumulating in ``param.grad``). ``accelerator.backward`` divides the losses by
+   the accumulation steps, so the gradients are means.
+2. :meth:`Unlearner.apply_update` at the accumulation boundary: average both gradient lists over
+   processes, synthesize the update from (forget, retain), write it into ``param.grad``, clip,
+   optimizer step, LR schedule step.
+3. :meth:`Unlearner.run`: log one metrics line per step, checkpoint when due
+   (:meth:`Unlearner.state_dict` / :meth:`Unlearner.load_state_dict` hold everything a resume needs).
+
+:func:`unlearn` is the public entry point; it builds an :class:`Unlearner` and runs it.
 """
 
 from __future__ import annotations
@@ -28,23 +32,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from retainfirst.data import collate
-from retainfirst.engine.batches import (
-    Example,
-    ExampleStream,
-    check_examples,
-    context_limit,
-    rank_slice,
-)
+from retainfirst.engine.batches import Example, ExampleStream, check_examples, context_limit, rank_slice
 from retainfirst.engine.checkpoint import (
     CheckpointWriter,
     latest_checkpoint,
     load_model_state,
-    load_rng_state,
-    load_training_state,
     model_state,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
 )
 from retainfirst.engine.config import TrainConfig
 from retainfirst.engine.grads import (
+    Grads,
     accumulate,
     all_reduce_sum,
     mean_across_ranks,
@@ -56,6 +56,7 @@ from retainfirst.engine.grads import (
 from retainfirst.engine.loss_scale import LossScale
 from retainfirst.engine.metrics import MetricsWriter, truncate_after
 from retainfirst.engine.model_setup import apply_lora, enable_gradient_checkpointing, select_trainable
+from retainfirst.engine.optim import Float32AdamW
 from retainfirst.errors import NonFiniteError, RetainFirstError
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -80,264 +81,330 @@ def unlearn(
     accelerator: Any = None,
 ) -> UnlearnResult:
     """Run ``config.steps`` unlearning steps on ``model``; see the module docstring for one step."""
-    from retainfirst.objectives import get_forget_objective, get_retain_objective, make_reference
-    from retainfirst.synthesis import get_synthesizer
+    unlearner = Unlearner(
+        model, tokenizer, forget_examples, retain_examples, config, out_dir, resume, accelerator
+    )
+    return unlearner.run()
 
-    cfg = config
-    cfg.validate()
-    out_dir = Path(out_dir)
-    accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
-    check_accelerator(accelerator, cfg)
-    is_fsdp = accelerator.distributed_type.value == "FSDP"
-    world, rank = accelerator.num_processes, accelerator.process_index
 
-    # ---- everything that can be wrong is checked before the first step --------------------
-    limit = context_limit(model, cfg.max_length)
-    check_examples(forget_examples, "forget", limit)
-    check_examples(retain_examples, "retain", limit)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    forget = get_forget_objective(cfg.forget_loss, **cfg.forget_kwargs)
-    retain = get_retain_objective(cfg.retain_loss, **cfg.retain_kwargs)
-    synthesizer = get_synthesizer(cfg.synthesizer, cfg.alpha, cfg.gamma, **cfg.synthesizer_options)
-    checkpoints_dir = out_dir / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints_dir) if resume else None
-    if not resume and latest_checkpoint(checkpoints_dir) is not None:
-        raise RetainFirstError(
-            f"{out_dir} already holds checkpoints of a run; "
-            "pass resume=True to continue it or use a new out_dir"
-        )
-    if resume_from is not None and is_fsdp:
-        # Checkpoints hold the gathered model but only rank 0's optimizer shard: resuming would
-        # silently restart the other ranks' Adam moments, so refuse rather than diverge.
-        raise RetainFirstError(
-            "resuming an FSDP run is not supported yet (checkpoints keep only rank 0's optimizer shard); "
-            f"start a new run from the weights in {resume_from}"
-        )
-    saved_state = load_training_state(resume_from) if resume_from is not None else None
-    if saved_state is not None:
-        check_same_run(saved_state["config"], cfg, resume_from, world, saved_state["num_processes"])
+class Unlearner:
+    """One unlearning run: everything is built and checked in ``__init__``, :meth:`run` trains."""
 
-    # ---- model: seed, adapters, trainable set, reference ------------------------------------
-    _set_seed(cfg.seed)
-    lora = cfg.lora is not None
-    if lora:
-        if is_fsdp:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        forget_examples: Sequence[Example],
+        retain_examples: Sequence[Example],
+        config: TrainConfig,
+        out_dir: str | Path,
+        resume: bool = False,
+        accelerator: Any = None,
+    ) -> None:
+        from retainfirst.objectives import get_forget_objective, get_retain_objective
+        from retainfirst.synthesis import get_synthesizer
+
+        cfg = self.cfg = config
+        cfg.validate()
+        self.out_dir = Path(out_dir)
+        self.tokenizer = tokenizer
+        self.forget_examples, self.retain_examples = forget_examples, retain_examples
+        acc = self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
+        check_accelerator(acc, cfg)
+        self.is_fsdp = acc.distributed_type.value == "FSDP"
+        self.world, self.rank = acc.num_processes, acc.process_index
+
+        # ---- everything that can be wrong is checked before the model is touched ----------------
+        limit = context_limit(model, cfg.max_length)
+        check_examples(forget_examples, "forget", limit)
+        check_examples(retain_examples, "retain", limit)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
+        self.forget = get_forget_objective(cfg.forget_loss, **cfg.forget_kwargs)
+        self.retain = get_retain_objective(cfg.retain_loss, **cfg.retain_kwargs)
+        self.synthesizer = get_synthesizer(cfg.synthesizer, cfg.alpha, cfg.gamma, **cfg.synthesizer_options)
+        self.checkpoints_dir = self.out_dir / "checkpoints"
+        existing = latest_checkpoint(self.checkpoints_dir)
+        if existing is not None and not resume:
             raise RetainFirstError(
-                "lora with FSDP is not supported; use DDP (or full fine-tuning under FSDP)"
+                f"{self.out_dir} already holds checkpoints of a run; "
+                "pass resume=True to continue it or use a new out_dir"
             )
-        model = apply_lora(model, cfg.lora, cfg.seed)
-    patterns = cfg.trainable_patterns
-    if patterns is None and not lora:
-        patterns = forget.trainable_patterns
-    trainable_names = select_trainable(model, patterns, lora=lora)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, lora=lora)
-    model.to(accelerator.device)
-    model.train()
-    forget.setup(model, seed=cfg.seed)
-    retain.setup(model, seed=cfg.seed)
-    needs_reference = forget.needs_reference or retain.needs_reference
-    reference = make_reference(model) if needs_reference else None  # before loading a checkpoint
-    if resume_from is not None:
-        load_model_state(model, resume_from, lora)
-        forget.load_state_dict(saved_state["forget_objective"])
-        retain.load_state_dict(saved_state["retain_objective"])
-
-    # ---- optimizer, schedule, accelerate ----------------------------------------------------
-    from transformers import get_scheduler
-
-    named = dict(model.named_parameters())
-    optimizer = torch.optim.AdamW(
-        [named[name] for name in trainable_names],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
-    # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it
-    # once per process), so it is built on the raw optimizer and not passed to prepare().
-    scheduler = get_scheduler(
-        SCHEDULER_NAMES[cfg.lr_schedule],
-        optimizer=optimizer,
-        num_warmup_steps=cfg.num_warmup_steps,
-        num_training_steps=cfg.steps,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    named = dict(unwrapped.named_parameters())  # FSDP2 swaps parameters for DTensors in prepare()
-    params = [named[name] for name in trainable_names]
-    loss_scale = LossScale(accelerator.scaler)
-    forget_stream = ExampleStream(len(forget_examples), cfg.seed, "forget")
-    retain_stream = ExampleStream(len(retain_examples), cfg.seed, "retain")
-    start_step = 0
-    if saved_state is not None:
-        optimizer.load_state_dict(saved_state["optimizer"])
-        scheduler.load_state_dict(saved_state["scheduler"])
-        loss_scale.load_state_dict(saved_state["loss_scale"])
-        forget_stream.position = saved_state["forget_position"]
-        retain_stream.position = saved_state["retain_position"]
-        start_step = saved_state["step"]
-        load_rng_state(resume_from, rank)  # last, so nothing above consumes the restored streams
-
-    # ---- run files ---------------------------------------------------------------------------
-    metrics_path = out_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(out_dir / "train_config.json")
-        if start_step:
-            truncate_after(metrics_path, start_step)
-        else:
-            metrics_path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    metrics = MetricsWriter(metrics_path, enabled=accelerator.is_main_process)
-    checkpointer = CheckpointWriter(checkpoints_dir, accelerator, keep=cfg.keep_checkpoints)
-    # DDP: no backward syncs; both gradient lists are averaged by hand at the boundary.
-    # FSDP: every backward reduce-scatters (the gradients are sharded), no manual mean.
-    manual_mean = world > 1 and not is_fsdp
-    all_reduce_fn = all_reduce_sum if is_fsdp else None
-
-    def next_batch(stream: ExampleStream, examples: Sequence[Example], per_device: int) -> dict[str, Tensor]:
-        indices = rank_slice(stream.take(per_device * world), rank, world)
-        batch = collate([examples[i] for i in indices], pad_token_id)
-        return {key: value.to(accelerator.device) for key, value in batch.items()}
-
-    def grad_sync_off() -> contextlib.AbstractContextManager:
-        return accelerator.no_sync(model) if manual_mean else contextlib.nullcontext()
-
-    final_checkpoint = resume_from
-    progress = tqdm(
-        total=cfg.steps,
-        initial=start_step,
-        desc="unlearn",
-        disable=cfg.disable_progress or not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
-    step = start_step
-    try:
-        while step < cfg.steps:
-            step_start = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            forget_grads: list[Tensor | None] = [None] * len(params)
-            loss_sums = torch.zeros(2, device=accelerator.device)
-
-            for _micro_step in range(cfg.gradient_accumulation_steps):
-                forget_batch = next_batch(forget_stream, forget_examples, cfg.forget_batch_size)
-                retain_batch = next_batch(retain_stream, retain_examples, cfg.retain_batch_size)
-
-                # forget pass: its gradients go to the stash, param.grad keeps only retain gradients
-                retain_grads_so_far = take_grads(params)
-                with grad_sync_off():
-                    with accelerator.autocast():
-                        forget_loss = forget.loss(model, forget_batch, reference)
-                    accelerator.backward(forget_loss)
-                forget_grads = accumulate(forget_grads, take_grads(params))
-                put_grads(params, retain_grads_so_far)
-
-                # retain pass: gradients accumulate in param.grad
-                with grad_sync_off():
-                    with accelerator.autocast():
-                        retain_loss = retain.loss(model, retain_batch, reference)
-                    accelerator.backward(retain_loss)
-                loss_sums += torch.stack([forget_loss.detach().float(), retain_loss.detach().float()])
-
-            # ---- accumulation boundary: mean over processes, then synthesize ------------------
-            losses = loss_sums / cfg.gradient_accumulation_steps
-            if world > 1:
-                losses = accelerator.reduce(losses, reduction="mean")
-            forget_loss_value, retain_loss_value = losses.tolist()
-            for which, value in (("forget", forget_loss_value), ("retain", retain_loss_value)):
-                if not math.isfinite(value):
-                    raise NonFiniteError(
-                        f"step {step + 1}: the {which} loss is {value}; stopped without applying the step "
-                        "(the last good checkpoint is kept); lower lr or check the data"
-                    )
-            retain_grads = take_grads(params)
-            if manual_mean:
-                mean_across_ranks(forget_grads, world)
-                mean_across_ranks(retain_grads, world)
-            loss_scale.unscale(forget_grads, retain_grads)
-
-            synthesis_start = time.perf_counter()
-            update, stats = synthesizer.combine(
-                to_local(forget_grads), to_local(retain_grads), all_reduce_fn=all_reduce_fn
+        self.resume_from = existing if resume else None
+        if self.resume_from is not None and self.is_fsdp:
+            # Checkpoints hold the gathered model but only rank 0's optimizer shard: resuming would
+            # silently restart the other ranks' Adam moments, so refuse rather than diverge.
+            raise RetainFirstError(
+                "resuming an FSDP run is not supported yet (checkpoints keep only rank 0's optimizer "
+                f"shard); start a new run from the weights in {self.resume_from}"
             )
-            if accelerator.device.type == "cuda":
-                torch.cuda.synchronize()
-            synthesis_seconds = time.perf_counter() - synthesis_start
-            del forget_grads, retain_grads
+        saved = read_checkpoint(self.resume_from, self.rank) if self.resume_from is not None else None
+        if saved is not None:
+            check_same_run(saved, cfg, self.resume_from, self.world)
 
-            skipped = False
-            for which, key in (("forget gradient", "norm_forget"), ("retain gradient", "norm_retain")):
-                if not math.isfinite(stats[key]):
-                    if loss_scale.enabled:  # fp16 overflow: skip the step and lower the scale
-                        skipped = True
-                        break
-                    raise NonFiniteError(
-                        f"step {step + 1}: the {which} is not finite ({key}={stats[key]}); stopped without "
-                        "applying the step (the last good checkpoint is kept)"
-                    )
-            loss_scale.update(overflow=skipped)
+        model, trainable_names = self._setup_model(model)
+        self._setup_optimizer(model, trainable_names)
+        self.forget_stream = ExampleStream(len(forget_examples), cfg.seed, "forget")
+        self.retain_stream = ExampleStream(len(retain_examples), cfg.seed, "retain")
+        self.step = 0
+        # DDP: no backward syncs; both gradient lists are averaged by hand at the boundary.
+        # FSDP: every backward reduce-scatters (the gradients are sharded), no manual mean.
+        self.manual_mean = self.world > 1 and not self.is_fsdp
+        self.all_reduce_fn = all_reduce_sum if self.is_fsdp else None
+        self.forget_grads: Grads = [None] * len(self.params)
+        if saved is not None:
+            self.load_state_dict(saved, source=self.resume_from)
 
-            norm_post_clip = stats["norm_update"]
-            if not skipped:
-                write_update(params, update)
-                if cfg.clip_enabled:
-                    total = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                    norm_post_clip = total * min(1.0, cfg.max_grad_norm / (total + 1e-6))
-                optimizer.optimizer.step()  # grads are already unscaled and synthesized
-                scheduler.step()  # not after a skipped (fp16 overflow) step, as in accelerate
-            del update
-            for p in params:
-                p.grad = None
-            step += 1
+    def _setup_model(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
+        """Seed, LoRA adapters, trainable set, checkpointing, objective setup, reference."""
+        from retainfirst.objectives import make_reference
 
-            # ---- log and checkpoint ------------------------------------------------------------
-            record = {
-                "step": step,
-                "forget_loss": forget_loss_value,
-                "retain_loss": retain_loss_value,
-                "lr": lr,
-                **stats,
-                "norm_update_post_clip": norm_post_clip,
-                **{f"forget/{k}": v for k, v in forget.last_metrics.items()},
-                **{f"retain/{k}": v for k, v in retain.last_metrics.items()},
-                "synthesis_seconds": synthesis_seconds,
-                "seconds_per_step": time.perf_counter() - step_start,
-            }
-            if skipped:
-                record["skipped_overflow"] = True
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics.write(record)
-            progress.update(1)
-            progress.set_postfix(forget=f"{forget_loss_value:.4g}", retain=f"{retain_loss_value:.4g}")
-
-            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                full_state = accelerator.get_state_dict(model) if is_fsdp else None
-                final_checkpoint = checkpointer.save(
-                    step,
-                    model_state(unwrapped, lora, full_state),
-                    {
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "loss_scale": loss_scale.state_dict(),
-                        "forget_position": forget_stream.position,
-                        "retain_position": retain_stream.position,
-                        "forget_objective": forget.state_dict(),
-                        "retain_objective": retain.state_dict(),
-                        "num_processes": world,
-                        "config": cfg.to_dict(),
-                    },
+        cfg, acc = self.cfg, self.accelerator
+        _set_seed(cfg.seed)
+        self.lora = cfg.lora is not None
+        if self.lora:
+            if self.is_fsdp:
+                raise RetainFirstError(
+                    "lora with FSDP is not supported; use DDP (or full fine-tuning under FSDP)"
                 )
-    finally:
-        progress.close()
-        metrics.close()
+            model = apply_lora(model, cfg.lora, cfg.seed)
+        patterns = cfg.trainable_patterns
+        if patterns is None and not self.lora:
+            patterns = self.forget.trainable_patterns
+        trainable_names = select_trainable(model, patterns, lora=self.lora)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model, lora=self.lora)
+        model.to(acc.device)
+        model.train()
+        self.forget.setup(model, seed=cfg.seed)
+        self.retain.setup(model, seed=cfg.seed)
+        needs_reference = self.forget.needs_reference or self.retain.needs_reference
+        self.reference = make_reference(model) if needs_reference else None  # the model as it came in
+        return model, trainable_names
 
-    if cfg.save_final_model:
-        unwrapped = save_model(
-            unwrapped, tokenizer, out_dir / "model", merge_lora=cfg.merge_lora, accelerator=accelerator
+    def _setup_optimizer(self, model: nn.Module, trainable_names: list[str]) -> None:
+        """Optimizer and LR schedule over the trainable parameters, then accelerate's prepare()."""
+        from transformers import get_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
+
+        named = dict(model.named_parameters())
+        optimizer = build_optimizer([named[name] for name in trainable_names], cfg)
+        # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it
+        # once per process), so it is built on the raw optimizer and not passed to prepare().
+        self.scheduler = get_scheduler(
+            SCHEDULER_NAMES[cfg.lr_schedule],
+            optimizer=optimizer,
+            num_warmup_steps=cfg.num_warmup_steps,
+            num_training_steps=cfg.steps,
         )
-    return UnlearnResult(unwrapped, step, metrics_path, final_checkpoint)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.unwrapped = acc.unwrap_model(self.model)
+        named = dict(self.unwrapped.named_parameters())  # FSDP2 swaps parameters for DTensors in prepare()
+        self.params = [named[name] for name in trainable_names]
+        self.loss_scale = LossScale(acc.scaler)
+
+    # ---- checkpoint state: written and read back here only ---------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (``rng``: this process's). Under FSDP all ranks must call it."""
+        full_state = self.accelerator.get_state_dict(self.model) if self.is_fsdp else None
+        return {
+            "model": model_state(self.unwrapped, self.lora, full_state),
+            "rng": rng_state(),
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loss_scale": self.loss_scale.state_dict(),
+            "forget_position": self.forget_stream.position,
+            "retain_position": self.retain_stream.position,
+            "forget_objective": self.forget.state_dict(),
+            "retain_objective": self.retain.state_dict(),
+            "num_processes": self.world,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path | None = None) -> None:
+        """Restore :meth:`state_dict`; a state that does not fit is a RetainFirstError naming ``source``."""
+        try:
+            load_model_state(self.unwrapped, state["model"], self.lora, source or Path("checkpoint"))
+            self.forget.load_state_dict(state["forget_objective"])
+            self.retain.load_state_dict(state["retain_objective"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loss_scale.load_state_dict(state["loss_scale"])
+            self.forget_stream.position = int(state["forget_position"])
+            self.retain_stream.position = int(state["retain_position"])
+            self.step = int(state["step"])
+            set_rng_state(state["rng"])  # last, so nothing above consumes the restored streams
+        except RetainFirstError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            where = source / "training_state.json" if source is not None else "the checkpoint state"
+            raise RetainFirstError(
+                f"{where} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                "resume from an earlier checkpoint or start over with --overwrite"
+            ) from None
+
+    # ---- one step ------------------------------------------------------------------------------
+    def next_batch(
+        self, stream: ExampleStream, examples: Sequence[Example], per_device: int
+    ) -> dict[str, Tensor]:
+        """This rank's share of the next global micro-batch of ``stream``."""
+        indices = rank_slice(stream.take(per_device * self.world), self.rank, self.world)
+        batch = collate([examples[i] for i in indices], self.pad_token_id)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    def grad_sync_off(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.no_sync(self.model) if self.manual_mean else contextlib.nullcontext()
+
+    def micro_step(self) -> Tensor:
+        """Forget pass into the stash, then retain pass into ``param.grad``; returns both losses."""
+        cfg, acc = self.cfg, self.accelerator
+        forget_batch = self.next_batch(self.forget_stream, self.forget_examples, cfg.forget_batch_size)
+        retain_batch = self.next_batch(self.retain_stream, self.retain_examples, cfg.retain_batch_size)
+
+        retain_grads_so_far = take_grads(self.params)
+        with self.grad_sync_off():
+            with acc.autocast():
+                forget_loss = self.forget.loss(self.model, forget_batch, self.reference)
+            acc.backward(forget_loss)
+        self.forget_grads = accumulate(self.forget_grads, take_grads(self.params))
+        put_grads(self.params, retain_grads_so_far)
+
+        with self.grad_sync_off():
+            with acc.autocast():
+                retain_loss = self.retain.loss(self.model, retain_batch, self.reference)
+            acc.backward(retain_loss)
+        return torch.stack([forget_loss.detach().float(), retain_loss.detach().float()])
+
+    def apply_update(self, mean_losses: Tensor) -> dict[str, Any]:
+        """Mean over ranks, synthesize, clip, optimizer step; returns the step's metrics (without timing)."""
+        cfg, acc, step = self.cfg, self.accelerator, self.step + 1
+        lr = self.scheduler.get_last_lr()[0]  # the rate this update is applied with
+        losses = acc.reduce(mean_losses, reduction="mean") if self.world > 1 else mean_losses
+        forget_loss, retain_loss = losses.tolist()
+        for which, value in (("forget", forget_loss), ("retain", retain_loss)):
+            if not math.isfinite(value):
+                raise NonFiniteError(
+                    f"step {step}: the {which} loss is {value}; stopped without applying the step "
+                    "(the last good checkpoint is kept); lower lr or check the data"
+                )
+        forget_grads, retain_grads = self.forget_grads, take_grads(self.params)
+        self.forget_grads = [None] * len(self.params)
+        if self.manual_mean:
+            mean_across_ranks(forget_grads, self.world)
+            mean_across_ranks(retain_grads, self.world)
+        self.loss_scale.unscale(forget_grads, retain_grads)
+
+        synthesis_start = time.perf_counter()
+        update, stats = self.synthesizer.combine(
+            to_local(forget_grads), to_local(retain_grads), all_reduce_fn=self.all_reduce_fn
+        )
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        synthesis_seconds = time.perf_counter() - synthesis_start
+        del forget_grads, retain_grads
+
+        skipped = False
+        for which, key in (("forget gradient", "norm_forget"), ("retain gradient", "norm_retain")):
+            if not math.isfinite(stats[key]):
+                if self.loss_scale.enabled:  # fp16 overflow: skip the step and lower the scale
+                    skipped = True
+                    break
+                raise NonFiniteError(
+                    f"step {step}: the {which} is not finite ({key}={stats[key]}); stopped without "
+                    "applying the step (the last good checkpoint is kept)"
+                )
+        self.loss_scale.update(overflow=skipped)
+
+        norm_post_clip = stats["norm_update"]
+        if not skipped:
+            write_update(self.params, update)
+            if cfg.clip_enabled:
+                total = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                norm_post_clip = total * min(1.0, cfg.max_grad_norm / (total + 1e-6))
+            self.optimizer.optimizer.step()  # grads are already unscaled and synthesized
+            self.scheduler.step()  # not after a skipped (fp16 overflow) step, as in accelerate
+        del update
+        for p in self.params:
+            p.grad = None
+        self.step = step
+
+        record = {
+            "step": step,
+            "forget_loss": forget_loss,
+            "retain_loss": retain_loss,
+            "lr": lr,
+            **stats,
+            "norm_update_post_clip": norm_post_clip,
+            **{f"forget/{k}": v for k, v in self.forget.last_metrics.items()},
+            **{f"retain/{k}": v for k, v in self.retain.last_metrics.items()},
+            "synthesis_seconds": synthesis_seconds,
+        }
+        if skipped:
+            record["skipped_overflow"] = True
+        return record
+
+    def optimizer_step(self) -> dict[str, Any]:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-steps, then the update."""
+        step_start = time.perf_counter()
+        loss_sums = torch.zeros(2, device=self.accelerator.device)
+        for _ in range(self.cfg.gradient_accumulation_steps):
+            loss_sums += self.micro_step()
+        record = self.apply_update(loss_sums / self.cfg.gradient_accumulation_steps)
+        record["seconds_per_step"] = time.perf_counter() - step_start
+        return record
+
+    # ---- the run ---------------------------------------------------------------------------------
+    def run(self) -> UnlearnResult:
+        """Train until ``config.steps``, logging every step and checkpointing when due."""
+        cfg, acc = self.cfg, self.accelerator
+        metrics_path = self.out_dir / "metrics.jsonl"
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out_dir / "train_config.json")
+            if self.step:
+                truncate_after(metrics_path, self.step)
+            else:
+                metrics_path.unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        metrics = MetricsWriter(metrics_path, enabled=acc.is_main_process)
+        checkpointer = CheckpointWriter(self.checkpoints_dir, acc, keep=cfg.keep_checkpoints)
+        final_checkpoint = self.resume_from
+        progress = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="unlearn",
+            disable=cfg.disable_progress or not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        try:
+            while self.step < cfg.steps:
+                record = self.optimizer_step()
+                step = self.step
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    metrics.write(record)
+                progress.update(1)
+                progress.set_postfix(
+                    forget=f"{record['forget_loss']:.4g}", retain=f"{record['retain_loss']:.4g}"
+                )
+                if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                    final_checkpoint = checkpointer.save(step, self.state_dict())
+        finally:
+            progress.close()
+            metrics.close()
+
+        model = self.unwrapped
+        if cfg.save_final_model:
+            model = save_model(
+                model, self.tokenizer, self.out_dir / "model", merge_lora=cfg.merge_lora, accelerator=acc
+            )
+        return UnlearnResult(model, self.step, metrics_path, final_checkpoint)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with float32 moments (see engine/optim.py), whatever the parameter dtype."""
+    return Float32AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,9 +480,17 @@ def check_accelerator(accelerator: Any, cfg: TrainConfig) -> None:
         )
 
 
-def check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path, world: int, saved_world: int) -> None:
+def check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path, world: int) -> None:
     """A resumed run must use the settings that wrote its checkpoint, or it silently becomes another run."""
-    previous = TrainConfig.from_dict(saved).training_fields()
+    try:
+        previous = TrainConfig.from_dict(saved["config"]).training_fields()
+        saved_world = int(saved["num_processes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RetainFirstError(
+            f"{path / 'training_state.json'} holds no valid train config ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+            "resume from an earlier checkpoint or start over with --overwrite"
+        ) from None
     current = cfg.training_fields()
     changed = sorted(k for k in current if json.dumps(current[k]) != json.dumps(previous.get(k)))
     if changed:

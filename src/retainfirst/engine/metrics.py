@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from retainfirst.io import atomic_write_text
 
 
 def _jsonable(value: Any) -> Any:
@@ -53,9 +54,7 @@ def truncate_after(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
