@@ -30,7 +30,7 @@ from typing import Any
 from retainfirst import config as cfgmod
 from retainfirst.config import RunConfig, SubRun, load_config, parse_grid, plan_runs, to_dict, to_yaml
 from retainfirst.errors import RetainFirstError
-from retainfirst.experiment.rundir import CONFIG_FILE, RunDir
+from retainfirst.experiment.rundir import CONFIG_FILE, RunDir, close_open_rundirs
 from retainfirst.io import atomic_write_json, atomic_write_text, read_jsonl
 
 PROG = "retainfirst"
@@ -692,6 +692,7 @@ def _looks_like_hub_id(name: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Retention-first machine unlearning for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,eval}")
 
     def add_out(p: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -749,6 +750,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    """The installed distribution's version, else the source tree's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PROG)
+    except PackageNotFoundError:
+        from retainfirst import __version__
+
+        return __version__
+
+
 def error_exit(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -776,10 +789,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except RetainFirstError as exc:
         return error_exit(" ".join(str(exc).split()) or type(exc).__name__)
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a bug or the system, show it all
+            raise
+        reason = exc.strerror or type(exc).__name__
+        return error_exit(f"cannot use {exc.filename}: {reason}; check that path and its permissions")
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
+        close_open_rundirs()  # release run directory locks on every way out
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
