@@ -340,3 +340,23 @@ def test_version(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("retainfirst ") and out.split()[1][0].isdigit()
+
+
+def test_an_os_error_about_a_user_path_is_one_line_and_a_bug_is_not_hidden(tmp_path, capsys, monkeypatch):
+    from retainfirst.experiment.rundir import RunDir
+
+    config = write_inputs(tmp_path / "inputs")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr(RunDir, "open", denied)
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert "Permission denied" in assert_one_error_line(capsys, str(tmp_path / "out"))
+
+    def bug(*args, **kwargs):
+        raise OSError("an internal failure that names no file")
+
+    monkeypatch.setattr(RunDir, "open", bug)
+    with pytest.raises(OSError, match="names no file"):
+        cli.main(["run", str(config), "--out", str(tmp_path / "out")])

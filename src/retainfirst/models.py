@@ -135,7 +135,8 @@ def load_model(
         raise _damaged_folder(name_or_path, exc) from None
     except OSError as exc:
         raise RetainFirstError(f"could not load model {name_or_path!r}: {_first_line(exc)}") from exc
-    except (UnicodeDecodeError, SafetensorError, pickle.UnpicklingError, EOFError) as exc:
+    except (UnicodeDecodeError, SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        # torch.load of a broken pytorch_model.bin raises RuntimeError; only a local folder is blamed
         if not local:
             raise
         raise _damaged_folder(name_or_path, exc) from None
