@@ -180,7 +180,7 @@ def test_run_with_a_damaged_model_file(tmp_path, capsys, kind):
     config = write_inputs(tmp_path / "inputs")
     damage(tmp_path / "inputs" / "tiny" / "model.safetensors", kind, tmp_path)
     assert cli.main(["run", str(config), "--out", str(tmp_path / "out")]) == 2
-    assert_one_error_line(capsys, "model")
+    assert_one_error_line(capsys, "model.safetensors")
     assert_nothing_left(tmp_path, tmp_path / "out")
 
 
@@ -194,7 +194,7 @@ def test_eval_with_a_damaged_model_file(tmp_path, capsys, kind):
     damage(tmp_path / "inputs" / "tiny" / "model.safetensors", kind, tmp_path)
     argv = ["eval", "--model", str(tmp_path / "inputs" / "tiny"), "--tasks", "mmlu", "--limit", "1"]
     assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 2
-    assert_one_error_line(capsys, "model")
+    assert_one_error_line(capsys, "model.safetensors")
     assert_nothing_left(tmp_path, tmp_path / "out")
 
 
