@@ -258,10 +258,10 @@ def _read_lock(lock_path: Path) -> dict[str, Any] | None:
         raise _damaged_lock(lock_path, str(exc)) from None
     try:
         record = json.loads(text)
-        int(record["pid"])
+        valid = isinstance(record, dict) and int(record["pid"]) > 0
     except (ValueError, KeyError, TypeError):
-        raise _damaged_lock(lock_path, "not a lock record") from None
-    if not isinstance(record, dict):
+        valid = False
+    if not valid:
         raise _damaged_lock(lock_path, "not a lock record")
     return record
 
