@@ -149,8 +149,9 @@ def test_bad_file(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(RetainFirstError, match="must hold a mapping"):
         load_config(listy)
-    (tmp_path / "empty.yaml").write_text("")
-    assert to_dict(load_config(tmp_path / "empty.yaml")) == to_dict(RunConfig())
+    (tmp_path / "empty.yaml").write_text("")  # would silently run the demo: refused instead
+    with pytest.raises(RetainFirstError, match=r"empty\.yaml is empty"):
+        load_config(tmp_path / "empty.yaml")
 
 
 def test_parse_value():

@@ -21,6 +21,7 @@ from typing import Any
 from retainfirst import config as cfgmod
 from retainfirst.config import RunConfig, load_config
 from retainfirst.errors import RetainFirstError
+from retainfirst.experiment.rundir import close_open_rundirs
 
 PROG = "retainfirst"
 EXIT_USAGE = 2
@@ -103,7 +104,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         **limits,
     )
     data = cfgmod.DataConfig(dir=args.data_dir, benchmark=args.benchmark)
-    config = RunConfig(name="eval", model=args.model, dtype=args.dtype, synthesizers=[], data=data, eval=ev)
+    config = RunConfig(
+        name="eval",
+        model=args.model,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        synthesizers=[],
+        data=data,
+        eval=ev,
+    )
     extra = {"tasks": tasks, "limit": limit}
     evaluate_model(config, args.out, overwrite=args.overwrite, extra=extra)
     return 0
@@ -115,6 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Retention-first machine unlearning for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,eval}")
 
     def add_out(p: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -165,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None, help="folder with WMDP / RWKU data")
     ev.add_argument("--benchmark", default=None, help="a saved facts benchmark (e.g. a run's benchmark.json)")
     ev.add_argument("--dtype", choices=cfgmod.DTYPES, default="float32")
+    ev.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a hub model run the Python in its repository (off by default; see SECURITY.md)",
+    )
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--out", required=True, metavar="DIR", help="output directory for results.json")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -176,6 +191,18 @@ def _task_names() -> list[str]:
     from retainfirst.evals.tasks import available_tasks
 
     return available_tasks()
+
+
+def _version() -> str:
+    """The installed distribution's version, else the source tree's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PROG)
+    except PackageNotFoundError:
+        from retainfirst import __version__
+
+        return __version__
 
 
 def error_exit(message: str) -> int:
@@ -205,10 +232,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except RetainFirstError as exc:
         return error_exit(" ".join(str(exc).split()) or type(exc).__name__)
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a bug or the system, show it all
+            raise
+        reason = exc.strerror or type(exc).__name__
+        return error_exit(f"cannot use {exc.filename}: {reason}; check that path and its permissions")
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
+        close_open_rundirs()  # release run directory locks on every way out
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

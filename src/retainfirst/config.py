@@ -33,6 +33,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator, model_va
 
 from retainfirst.engine.config import TrainConfig, options_follow_their_loss, registered
 from retainfirst.errors import RetainFirstError
+from retainfirst.io import read_user_text
 from retainfirst.validation import (
     CommaList,
     Int,
@@ -167,6 +168,8 @@ class EvalConfig(Settings):
     ppl_max_length: PositiveInt = 256
     ppl_texts: str | None = None  # held-out general texts for perplexity; None = the facts benchmark's
     lm_eval_limit: PositiveInt | None = None
+    # lm-eval task YAMLs from local files can run Python (`!function`): refused unless allowed here.
+    lm_eval_allow_code: bool = False
 
 
 class RunConfig(Settings):
@@ -180,6 +183,9 @@ class RunConfig(Settings):
         default_factory=lambda: ["sum", "pcgrad", "sago"]
     )
     out: str | None = None  # run directory when --out is not given
+    # Run the Python shipped in a hub model repository (transformers' trust_remote_code). Off: only
+    # architectures transformers itself implements load.
+    trust_remote_code: bool = False
     # Keep each finished sub-run's engine checkpoints (only needed to resume; train.keep_checkpoints
     # is how many the engine keeps while a sub-run trains).
     keep_finished_checkpoints: bool = False
@@ -363,15 +369,19 @@ def apply_overrides(
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise RetainFirstError(f"config file {path} does not exist")
+    text = read_user_text(path, "config file", fix="write it as UTF-8 YAML (see configs/demo.yaml)")
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise RetainFirstError(f"config file {path} is not valid YAML: {first}") from None
     if data is None:
-        return {}
+        # An empty file would silently run the demo defaults: almost certainly not what was meant.
+        raise RetainFirstError(
+            f"config file {path} is empty; write the settings to change (see configs/demo.yaml)"
+        )
     if not isinstance(data, dict):
         raise RetainFirstError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
     return data

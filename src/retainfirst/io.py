@@ -68,3 +68,33 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def read_user_text(path: str | Path, what: str = "file", *, fix: str = "check the file") -> str:
+    """The UTF-8 text of a file the user supplied; every failure is a one-line RetainFirstError.
+
+    ``what`` names the file's role in the message ("config file", "data file", ...) and ``fix`` says
+    what to do; a dangling symbolic link, a folder, unreadable bytes and non-UTF-8 text are all named.
+    """
+    from retainfirst.errors import RetainFirstError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise RetainFirstError(
+                f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not exist; {fix}"
+            ) from None
+        raise RetainFirstError(f"{what} {path} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise RetainFirstError(f"{what} {path} is a folder, not a file; {fix}") from None
+    except OSError as exc:
+        raise RetainFirstError(f"cannot read {what} {path}: {exc.strerror or exc}; {fix}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RetainFirstError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            f"save it as UTF-8 or pass the right file"
+        ) from None

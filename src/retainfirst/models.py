@@ -8,12 +8,15 @@ directory so later loads take under a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from retainfirst.errors import RetainFirstError
@@ -114,15 +117,90 @@ def load_model(
             f"model {name_or_path!r} is neither a local folder, an alias ({', '.join(EMBEDDED_ALIASES)}) "
             "nor a Hugging Face id (owner/name)"
         )
+    local = Path(path).is_dir()
+    if local:
+        check_model_folder(Path(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise RetainFirstError(
+                f"model {name_or_path!r} ships its own Python code (auto_map in its config); loading it "
+                f"would run that code from the model repository, so retainfirst refuses unless you allow "
+                f"it explicitly: {REMOTE_CODE_FLAG}"
+            ) from None
+        if not local:
+            raise
+        raise _damaged_folder(name_or_path, exc) from None
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RetainFirstError(f"could not load model {name_or_path!r}: {first}") from exc
+        raise RetainFirstError(f"could not load model {name_or_path!r}: {_first_line(exc)}") from exc
+    except (UnicodeDecodeError, SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        # torch.load of a broken pytorch_model.bin raises RuntimeError; only a local folder is blamed
+        if not local:
+            raise
+        raise _damaged_folder(name_or_path, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+# How a user allows a model's own Python code (the config key; the eval command's flag).
+REMOTE_CODE_FLAG = "set trust_remote_code: true in the config (retainfirst eval: --trust-remote-code)"
+MODEL_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+)
+
+
+def check_model_folder(folder: Path) -> None:
+    """Read what transformers would read of a local model folder and name the first damaged file.
+
+    The JSON files must parse to objects and every ``*.safetensors`` header must be readable, so a
+    truncated, empty, binary or dangling file is a one-line error naming it instead of a traceback.
+    """
+    from safetensors import safe_open
+
+    from retainfirst.io import read_user_text
+
+    fix = "re-save or re-download the model into that folder"
+    for name in MODEL_JSON_FILES:
+        file = folder / name
+        if not file.exists() and not file.is_symlink():
+            continue
+        text = read_user_text(file, "model file", fix=fix)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RetainFirstError(
+                f"model file {file} is damaged (not JSON: {exc.msg} at line {exc.lineno}); {fix}"
+            ) from None
+        if not isinstance(data, dict):
+            raise RetainFirstError(f"model file {file} is damaged (not a JSON object); {fix}")
+    for file in sorted(folder.glob("*.safetensors")):
+        if not file.exists():
+            read_user_text(file, "model file", fix=fix)  # raises: a dangling link
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise RetainFirstError(f"model file {file} is damaged ({_first_line(exc)}); {fix}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _damaged_folder(name_or_path: str, exc: BaseException) -> RetainFirstError:
+    return RetainFirstError(
+        f"could not load model {name_or_path!r}: a file in that folder is damaged ({_first_line(exc)}); "
+        "re-save or re-download the model"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

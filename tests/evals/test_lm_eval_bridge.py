@@ -129,3 +129,55 @@ def test_instance_without_tokenizer_raises(tiny_model, tmp_path):
         run_lm_eval(
             tiny_model, object(), tasks=["x"], task_dir=tmp_path / "missing", include_default_tasks=False
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Local task files that would run Python (issue 14)
+
+
+def _evil_task(folder, marker, name="evil.yaml"):
+    (folder / "utils.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\ndef f(docs): return docs\n")
+    (folder / name).write_text("task: evil\nprocess_docs: !function utils.f\n")
+    return folder / name
+
+
+def _reached_harness(monkeypatch):
+    import retainfirst.evals.lm_eval_bridge as bridge
+
+    def stop():
+        raise RetainFirstError("reached the harness")
+
+    monkeypatch.setattr(bridge, "import_lm_eval", stop)
+
+
+def test_a_local_task_with_function_is_refused_unless_allowed(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    task = _evil_task(tmp_path, marker)
+    _reached_harness(monkeypatch)
+    with pytest.raises(RetainFirstError, match=r"evil.yaml uses !function utils.f.*lm_eval_allow_code: true"):
+        run_lm_eval(object(), tokenizer=object(), tasks=[str(task)])
+    with pytest.raises(RetainFirstError, match="uses !function"):  # any YAML of a task_dir counts
+        run_lm_eval(object(), tokenizer=object(), tasks=["rf_tiny_choice"], task_dir=tmp_path)
+    with pytest.raises(RetainFirstError, match="reached the harness"):
+        run_lm_eval(object(), tokenizer=object(), tasks=[str(task)], allow_code=True)
+    assert not marker.exists()
+
+
+def test_code_in_an_included_file_is_found(tmp_path, monkeypatch):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    _evil_task(sub, tmp_path / "ran", name="base.yaml")
+    (tmp_path / "top.yaml").write_text("include: sub/base.yaml\ntask: top\n")
+    (tmp_path / "python_tag.yaml").write_text("task: t\nx: !!python/name:os.system\n")
+    _reached_harness(monkeypatch)
+    with pytest.raises(RetainFirstError, match=r"base.yaml uses !function"):
+        run_lm_eval(object(), tokenizer=object(), tasks=[str(tmp_path / "top.yaml")])
+    with pytest.raises(RetainFirstError, match=r"python_tag.yaml uses tag:yaml.org,2002:python/name"):
+        run_lm_eval(object(), tokenizer=object(), tasks=[str(tmp_path / "python_tag.yaml")])
+
+
+def test_plain_local_tasks_and_registry_tasks_pass_the_check(tmp_path, monkeypatch):
+    write_task(tmp_path)
+    _reached_harness(monkeypatch)
+    with pytest.raises(RetainFirstError, match="reached the harness"):
+        run_lm_eval(object(), tokenizer=object(), tasks=["rf_tiny_choice", "mmlu"], task_dir=tmp_path)

@@ -115,3 +115,36 @@ def test_bad_inputs_raise(tiny_model, byte_tokenizer):
         evaluate_perplexity(tiny_model, byte_tokenizer, TEXTS, max_length=8, stride=9)
     with pytest.raises(RetainFirstError, match="at least 2 tokens"):
         evaluate_perplexity(tiny_model, byte_tokenizer, ["", "a"])
+
+
+def test_max_length_is_capped_at_the_model_context_and_warned_once(byte_tokenizer, caplog):
+    """Issue 14: ppl_max_length far above the context made 23 GB windows; it is capped at the context."""
+    from retainfirst.evals import perplexity
+    from retainfirst.models import build_tiny_llama
+
+    model = build_tiny_llama(
+        len(byte_tokenizer), hidden_size=32, num_layers=1, num_heads=2, max_position_embeddings=16
+    )
+    texts = ["A sentence long enough to need several windows of sixteen tokens each, surely."]
+    perplexity._warned_caps.clear()
+    with caplog.at_level("WARNING", logger="retainfirst.evals.perplexity"):
+        capped = evaluate_perplexity(model, byte_tokenizer, texts, max_length=100_000)
+        again = evaluate_perplexity(model, byte_tokenizer, texts, max_length=100_000)
+    exact = evaluate_perplexity(model, byte_tokenizer, texts, max_length=16)
+    assert capped.settings["max_length"] == 16 and capped.settings["windows"] == exact.settings["windows"] > 1
+    assert capped.metrics == exact.metrics == again.metrics
+    warnings = [r.getMessage() for r in caplog.records if "context" in r.getMessage()]
+    assert warnings == [
+        "perplexity: max_length 100000 is longer than the model's context of 16 tokens; using 16"
+    ]
+
+
+def test_model_context_ignores_the_tokenizer_unknown_marker(byte_tokenizer):
+    from types import SimpleNamespace
+
+    from retainfirst.evals.perplexity import model_context_length
+
+    no_limit = SimpleNamespace(config=SimpleNamespace())
+    assert model_context_length(no_limit, SimpleNamespace(model_max_length=int(1e30))) is None
+    assert model_context_length(no_limit, byte_tokenizer) == 512
+    assert model_context_length(SimpleNamespace(config=SimpleNamespace(n_positions=64)), byte_tokenizer) == 64

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from retainfirst.errors import RetainFirstError
+from retainfirst.io import read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise RetainFirstError(f"{path}: no such file")
+        _raise_unreadable(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _read_jsonl(path)
@@ -55,32 +56,43 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise RetainFirstError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
+def _data_text(path: Path) -> str:
+    """A data file's text; unreadable, non-UTF-8 or dangling-link files are one-line errors."""
+    return read_user_text(path, "data file", fix="fix the file or point the config to the right one")
+
+
+def _raise_unreadable(path: Path) -> None:
+    """The error for a path that is not a readable file (missing, a dangling link, a folder)."""
+    if path.is_symlink() or path.is_dir():
+        _data_text(path)  # raises, naming the link target or the folder
+    raise RetainFirstError(f"{path}: no such file")
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     seen = False
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RetainFirstError(
-                    f"{path}: record {line_number} (line {line_number}) is not valid JSON ({exc.msg}); "
-                    "fix or remove that line"
-                ) from None
-            if not isinstance(record, dict):
-                raise RetainFirstError(
-                    f"{path}: record {line_number} (line {line_number}) is a {type(record).__name__}, "
-                    "expected a JSON object"
-                )
-            seen = True
-            yield line_number, record
+    for line_number, line in enumerate(_data_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RetainFirstError(
+                f"{path}: record {line_number} (line {line_number}) is not valid JSON ({exc.msg}); "
+                "fix or remove that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise RetainFirstError(
+                f"{path}: record {line_number} (line {line_number}) is a {type(record).__name__}, "
+                "expected a JSON object"
+            )
+        seen = True
+        yield line_number, record
     if not seen:
         raise RetainFirstError(f"{path}: file is empty (no JSON lines)")
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    text = path.read_text(encoding="utf-8")
+    text = _data_text(path)
     if not text.strip():
         raise RetainFirstError(f"{path}: file is empty")
     try:
@@ -160,6 +172,8 @@ def load_texts(
         skip_empty: drop documents that are empty after stripping (logged), instead of failing.
     """
     path = Path(path_or_id)
+    if path.is_symlink() and not path.exists():
+        _raise_unreadable(path)
     if path.is_dir():
         raise RetainFirstError(
             f"{path} is a folder; pass a file (.jsonl, .json, .parquet, .txt) or use load_wmdp_corpus"
@@ -179,7 +193,7 @@ def load_texts(
         if path.suffix.lower() in (*RECORD_SUFFIXES, *TEXT_SUFFIXES) or str(path_or_id).startswith(
             (".", "/")
         ):
-            raise RetainFirstError(f"{path}: no such file")
+            _raise_unreadable(path)
         texts = _load_hub_texts(str(path_or_id), field, split=split, config=config)
         source = f"hub:{path_or_id}"
     if skip_empty:
@@ -195,7 +209,7 @@ def load_texts(
 
 
 def _split_plain_text(path: Path, txt_split: str) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = _data_text(path)
     if txt_split == "line":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if txt_split != "blank_line":

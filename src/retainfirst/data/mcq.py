@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import logging
 import random
 from collections import defaultdict
@@ -36,6 +37,7 @@ from retainfirst.data.corpora import (
     require_text,
 )
 from retainfirst.errors import RetainFirstError
+from retainfirst.io import read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -205,21 +207,21 @@ def _read_mmlu_csv(path: Path, num_choices: int | None) -> list[MCQuestion]:
     subject = normalize_subject(stem.replace("_", " "))
     n = num_choices or 4
     questions = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        for row in reader:
-            number = reader.line_num
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) != n + 2:
-                raise RetainFirstError(
-                    f"{path}: record {number} (line {number}) has {len(row)} columns, expected {n + 2} "
-                    f"(question, {n} choices, answer letter)"
-                )
-            if not row[0].strip():
-                raise RetainFirstError(f"{path}: record {number} field 'question' is empty")
-            answer = _parse_answer(row[-1], n, path, number, "answer")
-            questions.append(MCQuestion(row[0], list(row[1:-1]), answer, subject))
+    text = read_user_text(path, "data file", fix="fix the file or point to the right one")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for row in reader:
+        number = reader.line_num
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != n + 2:
+            raise RetainFirstError(
+                f"{path}: record {number} (line {number}) has {len(row)} columns, expected {n + 2} "
+                f"(question, {n} choices, answer letter)"
+            )
+        if not row[0].strip():
+            raise RetainFirstError(f"{path}: record {number} field 'question' is empty")
+        answer = _parse_answer(row[-1], n, path, number, "answer")
+        questions.append(MCQuestion(row[0], list(row[1:-1]), answer, subject))
     if not questions:
         raise RetainFirstError(f"{path}: file is empty")
     return questions

@@ -137,13 +137,13 @@ def _load_folder(folder: Path, default_target: str | None, data: RWKUData) -> No
     """Add the files of one folder (a target folder, or the combined ``All`` folder) to ``data``."""
     for key, (name, level) in PROBE_FILES.items():
         path = folder / name
-        if path.is_file():
+        if path.is_file() or path.is_symlink():  # a dangling link is an error, not a missing file
             data.probes.setdefault(key, []).extend(_read_probes(path, level, default_target))
         else:
             logger.info("%s: no %s", folder, name)
     for attribute, name in TEXT_FILES.items():
         path = folder / name
-        if not path.is_file():
+        if not path.is_file() and not path.is_symlink():
             logger.info("%s: no %s", folder, name)
             continue
         table = getattr(data, attribute)

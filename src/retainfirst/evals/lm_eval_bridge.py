@@ -7,12 +7,18 @@ tasks run through ``lm_eval.simple_evaluate`` and every task (and group) of its 
 -> ``acc_stderr``, ``"exact_match,strict-match"`` -> ``exact_match_strict-match``); values the
 harness could not compute (``"N/A"`` stderrs) are left out. Built-in tasks download their datasets
 from the Hugging Face hub; ``task_dir`` adds local task YAMLs (TaskManager ``include_path``).
+
+Local task YAMLs (a task given as a file path, every YAML under ``task_dir``, and the files they
+``include``) can run Python: lm-eval imports the module a ``!function`` tag names. They are refused
+unless ``allow_code=True`` (the config's ``eval.lm_eval_allow_code``); the harness's own registry
+tasks stay allowed.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,18 +54,23 @@ def run_lm_eval(
     apply_chat_template: bool = False,
     bootstrap_iters: int = 1000,
     seed: int = 0,
+    allow_code: bool = False,
 ) -> list[EvalResult]:
     """Run lm-eval-harness ``tasks`` on a model (instance, local folder, hub id or retainfirst alias).
 
     ``include_default_tasks=False`` skips indexing the harness's ~15k built-in task configs (several
     seconds) when only ``task_dir`` tasks are wanted. The model's training mode and the tokenizer's
-    padding side are restored afterwards.
+    padding side are restored afterwards. ``allow_code=False`` refuses local task files that would run
+    Python (see the module docstring).
     """
-    lm_eval, hflm_class, task_manager_class = import_lm_eval()
     if isinstance(tasks, str):
         tasks = [tasks]
     if not tasks:
         raise RetainFirstError("run_lm_eval needs at least one task name")
+    include_path = _task_paths(task_dir)
+    if not allow_code:
+        refuse_task_code(tasks, include_path)
+    lm_eval, hflm_class, task_manager_class = import_lm_eval()
     if isinstance(model_or_path, str | Path):
         from retainfirst.models import load_model
 
@@ -70,7 +81,6 @@ def run_lm_eval(
     if tokenizer is None:
         raise RetainFirstError("run_lm_eval got a model instance without its tokenizer; pass tokenizer=...")
 
-    include_path = _task_paths(task_dir)
     task_manager = task_manager_class(include_path=include_path, include_defaults=include_default_tasks)
     known = task_manager.all_tasks
     unknown = [t for t in tasks if not fnmatch.filter(known, t) and not Path(t).is_file()]
@@ -126,6 +136,91 @@ def _task_paths(task_dir: str | Path | Sequence[str | Path] | None) -> list[str]
                 f"lm-eval task_dir {str(path)!r} does not exist; pass a folder of task YAMLs"
             )
     return [str(p) for p in paths]
+
+
+# YAML tags a task file may use without running code (the core schema, spelled out or short).
+_PLAIN_TAGS = {
+    f"tag:yaml.org,2002:{name}"
+    for name in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "binary", "merge", "omap")
+}
+
+
+def local_task_files(tasks: Sequence[str], include_path: Sequence[str] | None) -> list[Path]:
+    """The task YAMLs lm-eval would read from the user's disk: tasks given as files, task_dir YAMLs."""
+    files = [Path(t) for t in tasks if Path(t).is_file()]
+    for root in include_path or []:
+        root_path = Path(root)
+        files += [root_path] if root_path.is_file() else sorted(root_path.rglob("*.yaml"))
+    return files
+
+
+def refuse_task_code(tasks: Sequence[str], include_path: Sequence[str] | None) -> None:
+    """One-line error when a local task file (or a file it includes) would run Python."""
+    for file in local_task_files(tasks, include_path):
+        for culprit, what in _code_in_yaml(file, set()):
+            raise RetainFirstError(
+                f"lm-eval task file {culprit} uses {what}, which would import and run Python from your "
+                "disk; retainfirst runs task code only with eval.lm_eval_allow_code: true "
+                "(check the file first)"
+            )
+
+
+def _builtin_task_root() -> Path | None:
+    """lm-eval's own task folder, found without importing the harness (seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return (Path(spec.submodule_search_locations[0]) / "tasks").resolve()
+
+
+def _code_in_yaml(file: Path, seen: set[Path]) -> list[tuple[Path, str]]:
+    """``(file, tag or key)`` for every code-running construct of ``file`` and its includes."""
+    import yaml
+
+    from retainfirst.io import read_user_text
+
+    resolved = file.resolve()
+    builtin = _builtin_task_root()
+    if resolved in seen or (builtin is not None and resolved.is_relative_to(builtin)):
+        return []  # the harness's own tasks are trusted like the harness
+    seen.add(resolved)
+    text = read_user_text(file, "lm-eval task file", fix="fix the file or the task name")
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise RetainFirstError(f"lm-eval task file {file} is not valid YAML: {first}") from None
+    found: list[tuple[Path, str]] = []
+    includes: list[str] = []
+    stack = [node for node in nodes if node is not None]
+    while stack:
+        node = stack.pop()
+        if node.tag not in _PLAIN_TAGS:
+            value = node.value if isinstance(node, yaml.ScalarNode) else ""
+            found.append((file, f"{node.tag} {value}".strip()))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == "include":
+                    items = value.value if isinstance(value, yaml.SequenceNode) else [value]
+                    includes += [item.value for item in items if isinstance(item, yaml.ScalarNode)]
+                if (
+                    isinstance(key, yaml.ScalarNode)
+                    and key.value == "trust_remote_code"
+                    and isinstance(value, yaml.ScalarNode)
+                    and value.value.lower() in ("true", "yes", "on", "1")
+                ):
+                    found.append((file, "trust_remote_code: true"))
+                stack += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+    for include in includes:
+        path = Path(os.path.expanduser(include))
+        path = path if path.is_absolute() else file.parent / path
+        if path.exists() or path.is_symlink():
+            found += _code_in_yaml(path, seen)
+    return found
 
 
 def convert_lm_eval_results(output: dict[str, Any], common: dict[str, Any] | None = None) -> list[EvalResult]:

@@ -11,11 +11,14 @@ advance by ``stride`` tokens; each window scores only the tokens no earlier wind
 overlap is extra context (Hugging Face's sliding-window recipe). ``stride=None`` means
 ``max_length - 1``: consecutive windows share one token, so every token after a document's first
 is scored exactly once, with the context of its own window only. (``stride == max_length`` leaves
-the first token of every later window unscored, as in that recipe.)
+the first token of every later window unscored, as in that recipe.) ``max_length`` is capped at the
+model's context (``max_position_embeddings``, else the tokenizer's ``model_max_length``), with a
+warning: beyond it the windows only cost memory.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +29,12 @@ import torch
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.results import EvalResult
+
+logger = logging.getLogger(__name__)
+
+# Context sizes above this are "unknown" markers (transformers' VERY_LARGE_INTEGER), not real limits.
+SANE_CONTEXT = 10_000_000
+_warned_caps: set[tuple[int, int]] = set()
 
 # positions per float32 log-softmax slice: bounds the extra memory to CHUNK x vocab floats
 LOGPROB_CHUNK = 256
@@ -65,6 +74,36 @@ def tokenize_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if isinstance(texts, str):
         raise RetainFirstError("texts must be a list of strings, not a single string")
     return [list(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
+
+
+def model_context_length(model: Any, tokenizer: Any = None) -> int | None:
+    """The longest sequence the model was built for: its config's position limit, else the tokenizer's."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and 1 < value < SANE_CONTEXT:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 1 < value < SANE_CONTEXT:
+        return value
+    return None
+
+
+def cap_to_context(max_length: int, model: Any, tokenizer: Any = None) -> int:
+    """``max_length`` capped at the model's context (warned once per value): longer windows only cost
+    memory (attention grows with the square of the length) and score positions the model never saw."""
+    context = model_context_length(model, tokenizer)
+    if context is None or max_length <= context:
+        return max_length
+    if (max_length, context) not in _warned_caps:
+        _warned_caps.add((max_length, context))
+        logger.warning(
+            "perplexity: max_length %d is longer than the model's context of %d tokens; using %d",
+            max_length,
+            context,
+            context,
+        )
+    return context
 
 
 @dataclass(frozen=True)
@@ -130,6 +169,9 @@ def evaluate_perplexity(
         raise RetainFirstError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
     if batch_size < 1:
         raise RetainFirstError(f"batch_size must be at least 1, got {batch_size}")
+    max_length = cap_to_context(max_length, model, tokenizer)
+    if stride is not None:
+        stride = min(stride, max_length)
     documents = tokenize_documents(tokenizer, texts)
     windows = _windows(documents, max_length, stride)
     if not windows:

@@ -53,11 +53,15 @@ def evaluate_model(
         try:
             from retainfirst.models import load_model
 
-            model, tokenizer = load_model(config.model, dtype=config.dtype)
+            model, tokenizer = load_model(
+                config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            )
             prep = prepare(config, model, tokenizer, None)
             rundir.confirm_overwrite()
             results = evaluate(model, tokenizer, config, prep, config.model)
             save_results(results, path, extra={"model": config.model, **(extra or {})})
+            rundir.status["state"] = "done"
+            rundir.save()
         except BaseException:
             rundir.discard()
             raise

@@ -30,7 +30,7 @@ from retainfirst.evals.tasks import check_tasks
 from retainfirst.experiment.console import say
 from retainfirst.experiment.prepare import evaluate, prepare
 from retainfirst.experiment.report import rerun_command, write_report
-from retainfirst.experiment.rundir import CONFIG_FILE, RunDir
+from retainfirst.experiment.rundir import CONFIG_FILE, RunDir, default_out_dir
 from retainfirst.io import atomic_write_text
 
 
@@ -61,8 +61,9 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def default_out_dir(config: RunConfig) -> Path:
-    return Path(config.out or f"runs/{config.name}")
+def out_dir_of(config: RunConfig) -> Path:
+    """``config.out``, else ``runs/<name>`` (a name that could leave ``runs/`` is refused)."""
+    return Path(config.out) if config.out else default_out_dir(config.name)
 
 
 def resume_config(
@@ -130,7 +131,7 @@ def run_experiment(
         raise RetainFirstError("run_experiment needs a config (or resume=True and an existing out_dir)")
     cfgmod.validate(config)
     check_tasks(config)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(config)
+    out = Path(out_dir) if out_dir is not None else out_dir_of(config)
     plan = plan_runs(config, parse_grid(grid_items))  # validates every sub-run before anything is written
     main = is_main_process()
     if not main:
@@ -185,7 +186,7 @@ def with_epochs(sub: SubRun, epochs: float, forget_examples: int) -> SubRun:
 def _load(config: RunConfig) -> tuple[Any, Any]:
     from retainfirst.models import load_model
 
-    return load_model(config.model, dtype=config.dtype)
+    return load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
 
 
 class _Runner:

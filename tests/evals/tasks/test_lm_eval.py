@@ -16,8 +16,8 @@ def test_parametrised_metadata():
 def test_runs_the_harness_task_with_the_limit(make_context, model, byte_tokenizer, monkeypatch):
     calls = []
 
-    def fake_run_lm_eval(model_, tokenizer, tasks, limit=None):
-        calls.append((model_, tokenizer, tasks, limit))
+    def fake_run_lm_eval(model_, tokenizer, tasks, limit=None, allow_code=False):
+        calls.append((model_, tokenizer, tasks, limit, allow_code))
         return [EvalResult(tasks[0], {"acc": 0.25}, 4)]
 
     monkeypatch.setattr("retainfirst.evals.lm_eval_bridge.run_lm_eval", fake_run_lm_eval)
@@ -25,5 +25,5 @@ def test_runs_the_harness_task_with_the_limit(make_context, model, byte_tokenize
     context = make_context(lm_eval_limit=4)
     data = task.prepare(context)
     [result] = task.run(model, byte_tokenizer, data, context.config.eval)
-    assert calls == [(model, byte_tokenizer, ["rf_tiny"], 4)]
+    assert calls == [(model, byte_tokenizer, ["rf_tiny"], 4, False)]  # local task code refused by default
     assert result.task == "rf_tiny" and task.describe(data) == "harness task rf_tiny (limit 4)"

@@ -24,13 +24,18 @@ class LmEvalTask(EvalTask):
     def headline_for(self, result: EvalResult) -> Headline | None:
         return self.headlines()[0] if result.task == self.param else None
 
-    def prepare(self, context: TaskContext) -> int | None:
-        return context.config.eval.lm_eval_limit
+    def prepare(self, context: TaskContext) -> tuple[int | None, bool]:
+        ev = context.config.eval
+        return ev.lm_eval_limit, ev.lm_eval_allow_code
 
-    def describe(self, data: int | None) -> str:
-        return f"harness task {self.param}" + (f" (limit {data})" if data else "")
+    def describe(self, data: tuple[int | None, bool]) -> str:
+        limit = data[0]
+        return f"harness task {self.param}" + (f" (limit {limit})" if limit else "")
 
-    def run(self, model: Any, tokenizer: Any, data: int | None, settings: Any) -> list[EvalResult]:
+    def run(
+        self, model: Any, tokenizer: Any, data: tuple[int | None, bool], settings: Any
+    ) -> list[EvalResult]:
         from retainfirst.evals.lm_eval_bridge import run_lm_eval
 
-        return run_lm_eval(model, tokenizer, [self.param], limit=data)
+        limit, allow_code = data
+        return run_lm_eval(model, tokenizer, [self.param], limit=limit, allow_code=allow_code)
