@@ -30,7 +30,7 @@ from retainfirst.integrations.transformers import (
 )
 
 WORKER_PATH = Path(__file__).with_name("trainer_worker.py")
-TOLERANCE = 1e-10
+TOLERANCE = 1e-12
 
 
 def load_worker():
@@ -72,8 +72,16 @@ def step_logs(trainer) -> list[dict]:
 # Same weights as the engine
 
 
-@pytest.mark.parametrize("synthesizer", ["sum", "sago"])
-def test_four_steps_match_the_engine(tmp_path, synthesizer):
+@pytest.mark.parametrize(
+    ("synthesizer", "max_grad_norm", "adam_eps"),
+    [
+        ("sum", 1.0, 1e-8),
+        ("sago", 1.0, 1e-8),
+        # unclipped, and an eps that makes AdamW sensitive to the gradients' scale (accumulation division)
+        ("sago", 0.0, 1e-3),
+    ],
+)
+def test_four_steps_match_the_engine(tmp_path, synthesizer, max_grad_norm, adam_eps):
     steps, batch_size, gas = 4, 2, 2
     engine_model = worker.tiny_model()
     config = TrainConfig(
@@ -85,7 +93,8 @@ def test_four_steps_match_the_engine(tmp_path, synthesizer):
         synthesizer=synthesizer,
         forget_loss="ga",
         retain_loss="nll",
-        max_grad_norm=1.0,
+        max_grad_norm=max_grad_norm,
+        adam_eps=adam_eps,
         disable_progress=True,
         save_final_model=False,
     )
@@ -93,7 +102,12 @@ def test_four_steps_match_the_engine(tmp_path, synthesizer):
     initial = weights(worker.tiny_model())
 
     trainer = worker.run(
-        tmp_path / "trainer", steps=steps, batch_size=batch_size, gas=gas, synthesizer=synthesizer
+        tmp_path / "trainer",
+        steps=steps,
+        batch_size=batch_size,
+        gas=gas,
+        synthesizer=synthesizer,
+        args_overrides={"max_grad_norm": max_grad_norm, "adam_epsilon": adam_eps},
     )
 
     engine_weights, trainer_weights = weights(engine_model), weights(trainer.model)
@@ -412,4 +426,4 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     ddp_logs = [entry for entry in json.loads((ddp_out / "log.json").read_text()) if "forget_loss" in entry]
     for a, b in zip(ddp_logs, step_logs(single), strict=True):
         for key in ("forget_loss", "retain_loss", "norm_forget", "norm_retain", "conflict_fraction"):
-            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key  # logged losses/stats are float32
