@@ -248,6 +248,39 @@ def test_forget_only_equals_sum_with_zero_retain_weight(tmp_path):
     assert max_difference(weights(forget_only.model), weights(worker.tiny_model())) > 1e-4
 
 
+def test_peft_model_uses_the_adapter_disabled_model_as_reference(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from retainfirst.objectives import AdapterDisabledReference
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(worker.tiny_model(), config)
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" not in n}
+    trainer = worker.run(
+        tmp_path,
+        steps=2,
+        batch_size=2,
+        gas=1,
+        model=peft_model,
+        forget_loss="npo",
+        forget_kwargs={"beta": 0.5},
+    )
+    assert isinstance(trainer.reference, AdapterDisabledReference) and trainer.reference.model is peft_model
+    for name, p in trainer.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base_before[name]), name
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert step_logs(trainer)[-1]["forget/log_ratio"] != 0  # the adapters moved away from the reference
+
+
+def test_trainable_patterns_restrict_the_update(tmp_path):
+    before = weights(worker.tiny_model())
+    trainer = worker.run(tmp_path, steps=2, batch_size=2, gas=1, trainable_patterns=[r"layers\.1\.mlp\."])
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {f"model.layers.1.mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")}
+
+
 # ----------------------------------------------------------------------------------------------
 # An existing Trainer subclass, open-unlearning-style batches and its own loss
 
@@ -354,6 +387,10 @@ def test_user_errors_are_one_line_and_early(tmp_path):
             forget_loss=script_gradient_ascent,
             forget_kwargs={"beta": 1},
         )
+    from retainfirst.synthesis import get_synthesizer
+
+    with pytest.raises(RetainFirstError, match="alpha, gamma and synthesizer_options only apply"):
+        UnlearningTrainer(model=worker.tiny_model(), args=args, synthesizer=get_synthesizer("sum"), alpha=0.5)
     with pytest.raises(RetainFirstError, match="reference must be one of"):
         UnlearningTrainer(model=worker.tiny_model(), args=args, forget_loss="npo", reference="frozen")
 

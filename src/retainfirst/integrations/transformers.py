@@ -244,7 +244,9 @@ class UnlearningTrainerMixin:
     Keyword arguments, on top of the Trainer's:
 
     - ``synthesizer``: registry name (``"sago"``, ``"sum"``, ``"pcgrad"``, ...) or a Synthesizer;
-      ``alpha`` (retain weight), ``gamma`` (forget weight), ``synthesizer_options`` for a name.
+      for a name, ``alpha`` (retain weight, default 1), ``gamma`` (forget weight, default 1) and
+      ``synthesizer_options``. The kwargs ``alpha``/``gamma`` are consumed here, not passed on to
+      the Trainer subclass (whose own loss is not used for training).
     - ``forget_loss`` / ``retain_loss``: objective name (with ``forget_kwargs`` / ``retain_kwargs``),
       an objective instance, or a callable ``(model, batch) -> loss``; ``retain_loss=None`` runs
       forget-only. Objectives given by name get ``loss_mask`` from ``labels`` when the batch has no
@@ -255,15 +257,19 @@ class UnlearningTrainerMixin:
     - ``trainable_patterns``: regexes on parameter names; only matches train (RMU, for example,
       wants ``forget.trainable_patterns``). None keeps the model's ``requires_grad`` as it is.
 
-    Without a ``data_collator`` a :class:`ForgetRetainCollator` is used.
+    Without a ``data_collator`` a :class:`ForgetRetainCollator` is used. The Trainer's logged
+    ``loss`` is ``forget_loss + retain_loss``; both are logged separately too, with the
+    synthesizer's stats (``conflict_fraction``, ``cos_update_retain``, ...) and the objectives'
+    metrics (``forget/nll``, ...), averaged over the steps of each log line. Evaluation stays the
+    Trainer's (or the subclass's) own ``compute_loss``/``evaluate``.
     """
 
     def __init__(
         self,
         *args: Any,
         synthesizer: str | Synthesizer = "sago",
-        alpha: float = 1.0,
-        gamma: float = 1.0,
+        alpha: float | None = None,
+        gamma: float | None = None,
         synthesizer_options: Mapping[str, Any] | None = None,
         forget_loss: Any = "ga",
         forget_kwargs: Mapping[str, Any] | None = None,
@@ -275,9 +281,17 @@ class UnlearningTrainerMixin:
     ) -> None:
         # everything that can be wrong without a model is checked before the Trainer's heavy init
         if isinstance(synthesizer, str):
-            synthesizer = get_synthesizer(synthesizer, alpha, gamma, **dict(synthesizer_options or {}))
-        elif synthesizer_options:
-            raise RetainFirstError("synthesizer_options only apply to a synthesizer given by name")
+            synthesizer = get_synthesizer(
+                synthesizer,
+                1.0 if alpha is None else alpha,
+                1.0 if gamma is None else gamma,
+                **dict(synthesizer_options or {}),
+            )
+        elif synthesizer_options or alpha is not None or gamma is not None:
+            raise RetainFirstError(
+                "alpha, gamma and synthesizer_options only apply to a synthesizer given by name; "
+                "set them on the synthesizer object instead"
+            )
         if not hasattr(synthesizer, "combine"):
             raise RetainFirstError(
                 f"synthesizer must be a name or an object with combine(), got {type(synthesizer).__name__}"
