@@ -1,0 +1,115 @@
+"""A float64 unlearning run on a tiny Llama with odd-sized weights, alone or sharded by FSDP2 on gloo.
+
+Run as a script by tests/engine/test_fsdp2.py:
+
+    python tests/engine/fsdp_worker.py --out DIR [--fsdp] [--synthesizer NAME] [--steps N] ...
+
+With ``--fsdp`` every process (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment)
+shards the model with FSDP2 through accelerate's own ``prepare``. accelerate only selects FSDP on
+accelerators, never on a CPU (gloo) process group, so :func:`cpu_fsdp2_accelerator` builds a gloo
+Accelerator and switches its distributed type to FSDP; everything after that (``fully_shard``,
+the optimizer's parameter swap, the gathered state dict) is accelerate's and torch's real code.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from retainfirst.engine import TrainConfig, unlearn
+from retainfirst.models import build_byte_tokenizer, build_tiny_llama
+
+# 257 (vocab: embed_tokens, lm_head) and 97 (mlp) rows do not divide by 2 processes: uneven shards.
+VOCAB_SIZE = 257
+INTERMEDIATE_SIZE = 97
+
+
+def fixed_length_examples(tokenizer, count: int, length: int, prefix: str) -> list[dict[str, torch.Tensor]]:
+    """``count`` distinct examples of exactly ``length`` tokens (a token mean per rank = the global mean)."""
+    examples = []
+    for index in range(count):
+        text = f"{prefix} {index}: " + "".join(chr(97 + (index * 7 + k * 3) % 26) for k in range(length))
+        ids = torch.tensor(tokenizer(text)["input_ids"][:length])
+        assert ids.numel() == length
+        examples.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return examples
+
+
+def tiny_setup(seed: int = 0):
+    tokenizer = build_byte_tokenizer()
+    assert len(tokenizer) == VOCAB_SIZE
+    model = build_tiny_llama(
+        VOCAB_SIZE,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=INTERMEDIATE_SIZE,
+        seed=seed,
+        dtype=torch.float64,
+    )
+    forget = fixed_length_examples(tokenizer, 8, 16, "secret")
+    retain = fixed_length_examples(tokenizer, 8, 16, "public")
+    return model, tokenizer, forget, retain
+
+
+def cpu_fsdp2_accelerator():
+    """A gloo Accelerator whose models accelerate shards with FSDP2 (one FSDP unit per decoder layer)."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        state_dict_type="FULL_STATE_DICT",
+        reshard_after_forward=True,
+    )
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    # AcceleratorState copies PartialState's fields each time it is instantiated: switch both.
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    assert accelerator.is_fsdp2
+    return accelerator
+
+
+def config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps,
+        lr=1e-3,
+        lr_schedule="cosine",
+        warmup_steps=1,
+        synthesizer=args.synthesizer,
+        forget_loss="ga",
+        retain_loss="nll",
+        forget_batch_size=args.forget_batch_size,
+        retain_batch_size=args.retain_batch_size,
+        checkpoint_every=args.checkpoint_every,
+        disable_progress=True,
+        save_final_model=False,
+        weight_decay=0.01,
+        max_grad_norm=args.max_grad_norm,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--synthesizer", default="sum")
+    parser.add_argument("--forget-batch-size", type=int, default=2)
+    parser.add_argument("--retain-batch-size", type=int, default=2)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--fsdp", action="store_true")
+    args = parser.parse_args(argv)
+    model, tokenizer, forget, retain = tiny_setup()
+    accelerator = cpu_fsdp2_accelerator() if args.fsdp else None
+    unlearn(model, tokenizer, forget, retain, config(args), args.out, accelerator=accelerator)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
