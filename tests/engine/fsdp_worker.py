@@ -2,7 +2,9 @@
 
 Run as a script by tests/engine/test_fsdp2.py:
 
-    python tests/engine/fsdp_worker.py --out DIR [--fsdp] [--synthesizer NAME] [--steps N] ...
+    python tests/engine/fsdp_worker.py --out DIR [--fsdp] [--synthesizers sum,sago] [--steps N] ...
+        (one run per synthesizer, into DIR/NAME; one launch amortises the imports)
+    python tests/engine/fsdp_worker.py --out DIR --mode save|load   (optimizer shards, always FSDP2)
 
 With ``--fsdp`` every process (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in the environment)
 shards the model with FSDP2 through accelerate's own ``prepare``. accelerate only selects FSDP on
@@ -14,8 +16,11 @@ the optimizer's parameter swap, the gathered state dict) is accelerate's and tor
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from retainfirst.engine import TrainConfig, unlearn
 from retainfirst.models import build_byte_tokenizer, build_tiny_llama
@@ -75,13 +80,13 @@ def cpu_fsdp2_accelerator():
     return accelerator
 
 
-def config(args: argparse.Namespace) -> TrainConfig:
+def config(args: argparse.Namespace, synthesizer: str) -> TrainConfig:
     return TrainConfig(
         steps=args.steps,
         lr=1e-3,
         lr_schedule="cosine",
         warmup_steps=1,
-        synthesizer=args.synthesizer,
+        synthesizer=synthesizer,
         forget_loss="ga",
         retain_loss="nll",
         forget_batch_size=args.forget_batch_size,
@@ -94,20 +99,95 @@ def config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+# ---- optimizer shards: save -> SIGKILL -> load ------------------------------------------------
+
+
+def local_optimizer_state(model, optimizer) -> dict[str, torch.Tensor]:
+    """This rank's optimizer tensors (its shard of every moment), flat names -> plain tensors."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer.optimizer)["state"]
+    return {
+        f"{name}/{key}": (value.to_local() if hasattr(value, "to_local") else value).clone()
+        for name, values in state.items()
+        for key, value in values.items()
+    }
+
+
+def local_params(model) -> dict[str, torch.Tensor]:
+    return {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+
+
+def optimizer_shards(args: argparse.Namespace) -> None:
+    """``save``: 2 steps, save the shards and the weights, a 3rd step, record it, wait to be killed.
+    ``load``: fresh processes rebuild the step-2 model, load the shards, check them, redo step 3."""
+    from retainfirst.engine.fsdp import load_sharded_optimizer, save_sharded_optimizer
+
+    out = Path(args.out)
+    accelerator = cpu_fsdp2_accelerator()
+    rank = accelerator.process_index
+    model, _, forget, _ = tiny_setup()
+    if args.mode == "load":
+        model.load_state_dict(load_file(str(out / "weights-step2.safetensors")))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def train_step(step: int) -> None:
+        first = (4 * step + 2 * rank) % len(forget)
+        ids = torch.stack([forget[(first + k) % len(forget)]["input_ids"] for k in range(2)])
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    if args.mode == "save":
+        train_step(0)
+        train_step(1)
+        save_sharded_optimizer(out / "optimizer", optimizer, model)
+        weights = {name: p.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            save_file(weights, str(out / "weights-step2.safetensors"))
+        save_file(local_optimizer_state(model, optimizer), str(out / f"state-rank{rank}.safetensors"))
+        train_step(2)
+        save_file(local_params(model), str(out / f"final-rank{rank}.safetensors"))
+        (out / f"rank{rank}.done").touch()
+        time.sleep(600)  # the test SIGKILLs both ranks here
+        return
+
+    load_sharded_optimizer(out / "optimizer", optimizer, model)
+    expected = load_file(str(out / f"state-rank{rank}.safetensors"))
+    restored = local_optimizer_state(model, optimizer)
+    assert restored.keys() == expected.keys(), sorted(set(restored) ^ set(expected))[:5]
+    for key, tensor in expected.items():
+        assert torch.equal(restored[key], tensor), f"rank {rank}: {key} differs after loading"
+    train_step(2)
+    expected_final = load_file(str(out / f"final-rank{rank}.safetensors"))
+    for name, tensor in local_params(model).items():
+        assert torch.equal(tensor, expected_final[name]), (
+            f"rank {rank}: {name} differs after the resumed step"
+        )
+    (out / f"rank{rank}.verified").write_text(f"{len(expected)} optimizer tensors\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpoint-every", type=int, default=0)
-    parser.add_argument("--synthesizer", default="sum")
+    parser.add_argument("--synthesizers", default="sum")
     parser.add_argument("--forget-batch-size", type=int, default=2)
     parser.add_argument("--retain-batch-size", type=int, default=2)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--mode", choices=("run", "save", "load"), default="run")
     args = parser.parse_args(argv)
-    model, tokenizer, forget, retain = tiny_setup()
-    accelerator = cpu_fsdp2_accelerator() if args.fsdp else None
-    unlearn(model, tokenizer, forget, retain, config(args), args.out, accelerator=accelerator)
+    if args.mode != "run":
+        optimizer_shards(args)
+        return
+    for synthesizer in args.synthesizers.split(","):
+        model, tokenizer, forget, retain = tiny_setup()
+        accelerator = cpu_fsdp2_accelerator() if args.fsdp else None
+        out = Path(args.out) / synthesizer
+        unlearn(model, tokenizer, forget, retain, config(args, synthesizer), out, accelerator=accelerator)
 
 
 if __name__ == "__main__":
