@@ -58,6 +58,21 @@ def tiny_setup(seed: int = 0):
     return model, tokenizer, forget, retain
 
 
+class SlowObjective:
+    """Wraps an objective and sleeps after each loss, so a subprocess can be killed part-way."""
+
+    def __init__(self, inner, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def loss(self, model, batch, reference=None):
+        time.sleep(self.seconds)
+        return self.inner.loss(model, batch, reference)
+
+
 def cpu_fsdp2_accelerator():
     """A gloo Accelerator whose models accelerate shards with FSDP2 (one FSDP unit per decoder layer)."""
     from accelerate import Accelerator
@@ -179,15 +194,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--mode", choices=("run", "save", "load"), default="run")
+    parser.add_argument("--sleep", type=float, default=0.0, help="seconds after each forget loss")
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
     if args.mode != "run":
         optimizer_shards(args)
         return
+    if args.sleep:  # slow steps, so that a test can kill the run between two checkpoints
+        import retainfirst.objectives as objectives
+
+        real = objectives.get_forget_objective
+        objectives.get_forget_objective = lambda name, **kw: SlowObjective(real(name, **kw), args.sleep)
     for synthesizer in args.synthesizers.split(","):
         model, tokenizer, forget, retain = tiny_setup()
         accelerator = cpu_fsdp2_accelerator() if args.fsdp else None
         out = Path(args.out) / synthesizer
-        unlearn(model, tokenizer, forget, retain, config(args, synthesizer), out, accelerator=accelerator)
+        unlearn(
+            model,
+            tokenizer,
+            forget,
+            retain,
+            config(args, synthesizer),
+            out,
+            resume=args.resume,
+            accelerator=accelerator,
+        )
 
 
 if __name__ == "__main__":

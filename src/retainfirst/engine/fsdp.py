@@ -23,6 +23,8 @@ from torch import nn
 from retainfirst.errors import RetainFirstError
 
 OPTIMIZER_KEY = "optimizer"
+SHARDED_OPTIMIZER_DIR = "optimizer_shards"
+"""Where a checkpoint keeps the optimizer shards of an FSDP run (a subdirectory of ``step-N``)."""
 
 
 def _raw_optimizer(optimizer: Any) -> Any:
