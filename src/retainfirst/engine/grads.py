@@ -51,7 +51,12 @@ def to_local(grads: Grads) -> Grads:
 
 
 def write_update(params: list[nn.Parameter], update: Grads) -> None:
-    """Store the synthesized update as the parameters' gradients (into the DTensor shard under FSDP2)."""
+    """Store the synthesized update as the parameters' gradients (into the DTensor shard under FSDP2).
+
+    Under FSDP2 ``update[i]`` is this rank's local shard. It is wrapped back into a DTensor with the
+    parameter's global shape and stride: inferring them from the local shard (``local rows x world``)
+    is wrong whenever dim 0 does not divide by the world size (FSDP2's shards are then uneven).
+    """
     for p, u in zip(params, update, strict=True):
         if u is None:
             p.grad = None
@@ -60,11 +65,23 @@ def write_update(params: list[nn.Parameter], update: Grads) -> None:
             if local.data_ptr() != u.data_ptr():
                 local.copy_(u)
         elif hasattr(p, "to_local"):  # DTensor parameter whose grad was None
-            from torch.distributed.tensor import DTensor
-
-            p.grad = DTensor.from_local(u, p.device_mesh, p.placements, run_check=False)
+            p.grad = shard_as_dtensor(u, p)
         else:
             p.grad = u
+
+
+def shard_as_dtensor(local: Tensor, like: Tensor) -> Tensor:
+    """``local`` (this rank's shard) as a DTensor laid out like the DTensor ``like``."""
+    from torch.distributed.tensor import DTensor
+
+    if local.shape != like.to_local().shape:
+        raise ValueError(
+            f"local update of shape {tuple(local.shape)} does not match this rank's parameter shard "
+            f"{tuple(like.to_local().shape)}"
+        )
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
 
 
 @torch.no_grad()
