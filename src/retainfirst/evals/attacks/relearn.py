@@ -42,19 +42,26 @@ def split_targets(targets: Iterable[str], fraction: float, seed: int) -> tuple[l
     return sorted(order[:count]), sorted(order[count:])
 
 
-def _names_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+def _names_pattern(names: Iterable[str], flags: int = 0) -> re.Pattern[str] | None:
     words = sorted({n.strip() for n in names if n and n.strip()}, key=len, reverse=True)
     if not words:
         return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)", flags)
 
 
-def texts_naming(texts: Sequence[str], include: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
-    """The texts naming (whole word, any case) one of ``include`` and none of ``exclude``."""
-    wanted, banned = _names_pattern(include), _names_pattern(exclude)
+def texts_naming(
+    texts: Sequence[str],
+    include: Iterable[str],
+    exclude: Iterable[str] = (),
+    exclude_exact: Iterable[str] = (),
+) -> list[str]:
+    """The texts naming one of ``include`` and none of ``exclude`` (whole words, any case) nor of
+    ``exclude_exact`` (whole words, this case: answers such as the element symbol "In")."""
+    wanted = _names_pattern(include, re.IGNORECASE)
+    banned = [p for p in (_names_pattern(exclude, re.IGNORECASE), _names_pattern(exclude_exact)) if p]
     if wanted is None:
         return []
-    return [t for t in texts if wanted.search(t) and not (banned and banned.search(t))]
+    return [t for t in texts if wanted.search(t) and not any(p.search(t) for p in banned)]
 
 
 def sample_share(texts: Sequence[str], fraction: float, seed: int) -> list[str]:

@@ -139,7 +139,7 @@ class RelearnTask(AttackTask):
             ]
             relearned, evaluated = split_targets((p.target for p in probes), opts["fraction"], opts["seed"])
             answers = [p.answer for p in probes if p.target in set(evaluated)]
-            texts = texts_naming(texts, relearned, [*evaluated, *answers])
+            texts = texts_naming(texts, relearned, evaluated, answers)
             keep: set[str] | None = set(evaluated)
         else:
             texts = sample_share(texts, opts["fraction"], opts["seed"]) if texts else []
