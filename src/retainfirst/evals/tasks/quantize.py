@@ -21,7 +21,7 @@ from typing import Any
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.attacks.quantize import check_quantization, quantize_model
-from retainfirst.evals.attacks.scoring import (
+from retainfirst.evals.tasks.attack import (
     AttackData,
     AttackTask,
     attack_headlines,

@@ -21,7 +21,7 @@ from typing import Any
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.attacks.relearn import SPLITS, finetune, sample_share, split_targets, texts_naming
-from retainfirst.evals.attacks.scoring import (
+from retainfirst.evals.tasks.attack import (
     AttackData,
     AttackTask,
     attack_headlines,

@@ -1,4 +1,5 @@
-"""Attack evaluations: score a transformed copy of the model with the run's other tasks.
+"""The base of the attack tasks (not a task itself): score an attacked copy of the model with the
+run's other tasks.
 
 An attack task (relearning, quantization) wraps the *inner* tasks of ``eval.tasks`` (those with a
 headline of the roles it re-measures), prepares their data itself (shared sources such as the facts

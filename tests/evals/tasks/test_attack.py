@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from retainfirst.evals.attacks.scoring import (
+from retainfirst.evals.tasks.attack import (
     forget_score,
     headline_values,
     recovered_fraction,
