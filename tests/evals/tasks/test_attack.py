@@ -6,14 +6,14 @@ import math
 
 import pytest
 
+from retainfirst.evals.results import EvalResult
+from retainfirst.evals.tasks import get_task
 from retainfirst.evals.tasks.attack import (
     forget_score,
     headline_values,
     recovered_fraction,
     utility_kept,
 )
-from retainfirst.evals.results import EvalResult
-from retainfirst.evals.tasks import get_task
 
 
 def test_headline_values_pool_probe_levels_and_forget_score_takes_the_top_precedence():

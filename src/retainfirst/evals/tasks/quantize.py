@@ -21,6 +21,8 @@ from typing import Any
 
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.attacks.quantize import check_quantization, quantize_model
+from retainfirst.evals.results import EvalResult
+from retainfirst.evals.tasks import register_task
 from retainfirst.evals.tasks.attack import (
     AttackData,
     AttackTask,
@@ -28,8 +30,6 @@ from retainfirst.evals.tasks.attack import (
     evaluate_tasks,
     option,
 )
-from retainfirst.evals.results import EvalResult
-from retainfirst.evals.tasks import register_task
 from retainfirst.evals.tasks.base import Headline, TaskContext
 
 DEFAULT_BITS = (8, 4)
