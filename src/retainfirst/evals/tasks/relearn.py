@@ -109,7 +109,7 @@ class RelearnTask(AttackTask):
             "max_length": _number(settings, "relearn_max_length", 128, int, 2),
             "split": split,
             "fraction": fraction,
-            "texts": texts,
+            "texts_file": texts,
             "seed": _number(settings, "relearn_seed", 0, int, 0),
         }
 
@@ -130,7 +130,7 @@ class RelearnTask(AttackTask):
 
         data = self.prepare_inner(context)
         opts = data.options
-        texts = self.forget_material(context, opts["texts"])
+        texts = self.forget_material(context, opts["texts_file"])
         relearned: list[str] = []
         evaluated: list[str] = []
         if opts["split"] == "targets":
