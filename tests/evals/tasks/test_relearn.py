@@ -196,3 +196,16 @@ def test_targets_split_needs_probe_targets(relearn, make_context):
     context = configure(make_context(tasks=["distance_forget", "relearn"]), relearn_split="passages")
     with pytest.raises(RetainFirstError, match="needs forget-related text"):
         relearn.prepare(context)
+
+
+def test_relearn_texts_file_replaces_the_forget_corpus(relearn, make_context):
+    context = configure(
+        make_context(tasks=["distance_forget", "relearn"], forget=TEXTS),
+        relearn_split="passages",
+        relearn_fraction=1.0,
+        relearn_texts="general.txt",
+    )
+    data = relearn.prepare(context)
+    expected = context.load_texts("general.txt")
+    assert data.options["texts_file"] == "general.txt"
+    assert data.extra["record"]["texts"] == len(expected) != len(TEXTS)
