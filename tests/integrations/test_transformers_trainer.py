@@ -84,17 +84,27 @@ def step_logs(trainer) -> list[dict]:
 def test_four_steps_match_the_engine(tmp_path, synthesizer, max_grad_norm, adam_eps):
     steps, batch_size, gas = 4, 2, 2
     engine_model = worker.tiny_model()
+    # Every setting that changes the numbers is spelled out, on both sides: TrainConfig's defaults are
+    # the demo's (alpha=0.1 for SimNPO, lr 5e-5, ...), not UnlearningTrainer's or TrainingArguments'.
     config = TrainConfig(
         steps=steps,
         lr=worker.LR,
+        warmup_steps=0,
+        lr_schedule="constant",
+        weight_decay=0.0,
+        betas=(0.9, 0.999),
+        adam_eps=adam_eps,
         forget_batch_size=batch_size,
         retain_batch_size=batch_size,
         gradient_accumulation_steps=gas,
+        max_grad_norm=max_grad_norm,
         synthesizer=synthesizer,
+        alpha=1.0,
+        gamma=1.0,
         forget_loss="ga",
         retain_loss="nll",
-        max_grad_norm=max_grad_norm,
-        adam_eps=adam_eps,
+        mixed_precision="no",
+        seed=0,
         disable_progress=True,
         save_final_model=False,
     )
@@ -107,6 +117,8 @@ def test_four_steps_match_the_engine(tmp_path, synthesizer, max_grad_norm, adam_
         batch_size=batch_size,
         gas=gas,
         synthesizer=synthesizer,
+        alpha=1.0,
+        gamma=1.0,
         args_overrides={"max_grad_norm": max_grad_norm, "adam_epsilon": adam_eps},
     )
 

@@ -55,7 +55,12 @@ RETAIN = fixed_length_examples(12, 24, "public")
 def training_args(
     out: str | Path, *, steps: int, batch_size: int, gas: int, **overrides: Any
 ) -> TrainingArguments:
-    """Arguments matching retainfirst's TrainConfig defaults: AdamW, constant LR, no warmup, clip 1.0."""
+    """AdamW without weight decay, constant LR, no warmup, clip 1.0, seed 0, sequential order.
+
+    A test comparing with ``retainfirst.engine.unlearn`` must give its TrainConfig the same values
+    explicitly (and alpha = gamma = 1, UnlearningTrainer's defaults): TrainConfig's defaults are the
+    demo's, not these.
+    """
     values = {
         "output_dir": str(out),
         "max_steps": steps,
