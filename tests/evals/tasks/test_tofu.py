@@ -70,8 +70,11 @@ def test_check_config_names_the_missing_setting(make_context):
     with pytest.raises(RetainFirstError, match=r"tofu needs data.dir or eval.tofu_dir"):
         get_task("tofu").check_config(context.config)
     context = make_context()
-    context.config.eval.tofu_split = "forget02"
-    with pytest.raises(RetainFirstError, match=r"eval\.tofu_split='forget02'"):
+    context.config.data.tofu_split = "forget02"  # the training data's split, when eval names none
+    with pytest.raises(RetainFirstError, match="TOFU split 'forget02'"):
+        get_task("tofu").check_config(context.config)
+    context.config.eval.tofu_split, context.config.eval.tofu_template = "forget05", "chatml"
+    with pytest.raises(RetainFirstError, match="TOFU template 'chatml'"):
         get_task("tofu").check_config(context.config)
 
 
@@ -80,7 +83,7 @@ def test_prepare_and_run_then_forget_quality_against_a_saved_retain_evaluation(
 ):
     context = make_context(data={"dir": str(write_tofu(tmp_path / "tofu"))})
     settings = context.config.eval
-    settings.tofu_split, settings.tofu_max_new_tokens = "forget01", 4
+    context.config.data.tofu_split, settings.tofu_max_new_tokens = "forget01", 4
     task = get_task("tofu")
     data = task.prepare(context)
     assert task.describe(data) == "forget 4, retain 1, real_authors 1, world_facts 1 questions"

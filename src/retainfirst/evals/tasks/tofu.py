@@ -25,7 +25,7 @@ from retainfirst.evals.tasks.base import EvalTask, Headline, TaskContext
 
 DEFAULTS = {
     "tofu_dir": None,  # the TOFU folder; None = data.dir
-    "tofu_split": "forget10",
+    "tofu_split": "forget10",  # split and template: eval.*, else data.* (the training data's), else these
     "tofu_limit": 300,  # questions per set: TOFU's eval_everything.yaml ds_size
     "tofu_template": "llama2",
     "tofu_max_new_tokens": 200,
@@ -66,6 +66,11 @@ def setting(config_eval: Any, name: str) -> Any:
     return getattr(config_eval, name, DEFAULTS[name])
 
 
+def shared_setting(config: Any, name: str) -> Any:
+    """``eval.<name>``, else ``data.<name>`` (what the run trains on), else the default."""
+    return getattr(config.eval, name, None) or getattr(config.data, name, None) or DEFAULTS[name]
+
+
 def tofu_folder(config: Any) -> str | None:
     return setting(config.eval, "tofu_dir") or config.data.dir
 
@@ -89,14 +94,16 @@ class TofuTask(EvalTask):
             raise RetainFirstError("config: eval task tofu needs data.dir or eval.tofu_dir (the TOFU folder)")
         from retainfirst.data.tofu import FORGET_SPLITS, TEMPLATES
 
-        split, template = setting(config.eval, "tofu_split"), setting(config.eval, "tofu_template")
+        split, template = shared_setting(config, "tofu_split"), shared_setting(config, "tofu_template")
         if split not in FORGET_SPLITS:
             raise RetainFirstError(
-                f"config: eval.tofu_split={split!r} is not valid; choose one of {', '.join(FORGET_SPLITS)}"
+                f"config: TOFU split {split!r} (eval.tofu_split or data.tofu_split) is not valid; "
+                f"choose one of {', '.join(FORGET_SPLITS)}"
             )
         if template not in TEMPLATES:
             raise RetainFirstError(
-                f"config: eval.tofu_template={template!r} is not valid; choose one of {', '.join(TEMPLATES)}"
+                f"config: TOFU template {template!r} (eval.tofu_template or data.tofu_template) is not valid; "
+                f"choose one of {', '.join(TEMPLATES)}"
             )
 
     def prepare(self, context: TaskContext) -> dict[str, Any]:
@@ -131,7 +138,12 @@ class TofuTask(EvalTask):
             except RetainFirstError as exc:
                 raise RetainFirstError(f"eval.tofu_retain_results: {path}: {exc}") from None
             note = f"KS test against {path} ({len(reference)} questions)"
-        return {"data": data, "reference": reference, "note": note}
+        return {
+            "data": data,
+            "template": shared_setting(config, "tofu_template"),
+            "reference": reference,
+            "note": note,
+        }
 
     def describe(self, data: dict[str, Any]) -> str:
         return ", ".join(f"{name} {n}" for name, n in data["data"].counts().items()) + " questions"
@@ -143,7 +155,7 @@ class TofuTask(EvalTask):
             model,
             tokenizer,
             data["data"],
-            template=setting(settings, "tofu_template"),
+            template=data["template"],
             batch_size=settings.batch_size,
             max_new_tokens=setting(settings, "tofu_max_new_tokens"),
             reference=data["reference"],
