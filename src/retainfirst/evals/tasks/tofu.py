@@ -102,8 +102,8 @@ class TofuTask(EvalTask):
             )
         if template not in TEMPLATES:
             raise RetainFirstError(
-                f"config: TOFU template {template!r} (eval.tofu_template or data.tofu_template) is not valid; "
-                f"choose one of {', '.join(TEMPLATES)}"
+                f"config: TOFU template {template!r} (eval.tofu_template or data.tofu_template) "
+                f"is not valid; choose one of {', '.join(TEMPLATES)}"
             )
 
     def prepare(self, context: TaskContext) -> dict[str, Any]:
