@@ -112,16 +112,13 @@ class TofuTask(EvalTask):
 
         config = context.config
         self.check_config(config)
-        data = load_tofu(
-            tofu_folder(config), setting(config.eval, "tofu_split"), setting(config.eval, "tofu_limit")
-        )
+        split = shared_setting(config, "tofu_split")
+        data = load_tofu(tofu_folder(config), split, setting(config.eval, "tofu_limit"))
         path = setting(config.eval, "tofu_retain_results")
-        reference, note = (
-            None,
-            (
-                "no eval.tofu_retain_results: forget quality needs a saved evaluation of the retain model "
-                "(retainfirst eval --tasks tofu on it)"
-            ),
+        reference = None
+        note = (
+            "no eval.tofu_retain_results: forget quality needs a saved evaluation of the retain model "
+            "(retainfirst eval --tasks tofu on it)"
         )
         if path:
             file = Path(path)
