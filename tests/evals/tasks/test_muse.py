@@ -6,11 +6,22 @@ import json
 
 import pytest
 
-import retainfirst.evals.tasks.muse  # noqa: F401  (registers the task)
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.muse import PUBLISHED_RETRAIN_AUC
 from retainfirst.evals.results import EvalResult, save_results
-from retainfirst.evals.tasks import get_task
+from retainfirst.evals.tasks import available_tasks, get_task, register_task, unregister_task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """Register the task for these tests only (other tests see exactly the built-in tasks)."""
+    was_registered = "muse" in available_tasks()
+    from retainfirst.evals.tasks.muse import MuseTask
+
+    register_task("muse")(MuseTask)
+    yield
+    if not was_registered:
+        unregister_task("muse")
 
 
 def write_muse(root):

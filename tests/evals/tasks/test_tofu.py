@@ -6,10 +6,21 @@ import json
 
 import pytest
 
-import retainfirst.evals.tasks.tofu  # noqa: F401  (registers the task)
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.results import EvalResult, save_results
-from retainfirst.evals.tasks import get_task
+from retainfirst.evals.tasks import available_tasks, get_task, register_task, unregister_task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """Register the task for these tests only (other tests see exactly the built-in tasks)."""
+    was_registered = "tofu" in available_tasks()
+    from retainfirst.evals.tasks.tofu import TofuTask
+
+    register_task("tofu")(TofuTask)
+    yield
+    if not was_registered:
+        unregister_task("tofu")
 
 
 def write_tofu(root):

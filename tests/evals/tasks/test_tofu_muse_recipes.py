@@ -8,14 +8,27 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import retainfirst.evals.tasks.muse  # registers the task
-import retainfirst.evals.tasks.tofu  # noqa: F401  (registers the task)
 from retainfirst.config import load_config
-from retainfirst.evals.tasks import get_task
+from retainfirst.evals.tasks import available_tasks, get_task, register_task, unregister_task
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 RECIPES = sorted(CONFIGS.glob("tofu_*.yaml")) + sorted(CONFIGS.glob("muse_*.yaml"))
 PENDING_DATA = ("tofu_split", "tofu_template")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """Register tofu and muse for these tests only (other tests see exactly the built-in tasks)."""
+    before = set(available_tasks())
+    from retainfirst.evals.tasks.muse import MuseTask
+    from retainfirst.evals.tasks.tofu import TofuTask
+
+    register_task("tofu")(TofuTask)
+    register_task("muse")(MuseTask)
+    yield
+    for name in ("tofu", "muse"):
+        if name not in before:
+            unregister_task(name)
 
 
 def test_there_are_four_tofu_methods_and_two_muse_corpora():
