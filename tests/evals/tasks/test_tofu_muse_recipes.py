@@ -1,4 +1,8 @@
-"""The TOFU and MUSE GPU recipes (configs/tofu_*.yaml, configs/muse_*.yaml) load and suit their tasks."""
+"""The TOFU and MUSE GPU recipes load and suit their tasks.
+
+They wait in configs/pending/ (outside tests/test_config.py's configs/*.yaml) until config.py has their
+fields; then they move to configs/ and the xfail below comes off (it is strict: it fails once they load).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ from retainfirst.config import load_config
 from retainfirst.evals.tasks import available_tasks, get_task, register_task, unregister_task
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-RECIPES = sorted(CONFIGS.glob("tofu_*.yaml")) + sorted(CONFIGS.glob("muse_*.yaml"))
+RECIPES = sorted(
+    [*CONFIGS.glob("tofu_*.yaml"), *CONFIGS.glob("pending/tofu_*.yaml")], key=lambda p: p.stem
+) + sorted([*CONFIGS.glob("muse_*.yaml"), *CONFIGS.glob("pending/muse_*.yaml")], key=lambda p: p.stem)
 PENDING_DATA = ("tofu_split", "tofu_template")
 
 
@@ -66,6 +72,7 @@ def test_recipe_loads_without_the_pending_fields_and_suits_its_task(path, tmp_pa
     stripped = tmp_path / path.name
     stripped.write_text(yaml.safe_dump(raw))
     config = load_config(stripped)  # every other field is valid today
+    assert config.name == path.stem
     assert config.train.forget_loss in ("ga", "npo", "simnpo")
     assert config.synthesizers == ["sum", "pcgrad", "sago"]
     view = SimpleNamespace(
