@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from retainfirst.engine import TrainConfig, read_metrics, unlearn
+from retainfirst.engine.optim import Float32AdamW
 from retainfirst.errors import RetainFirstError
 from retainfirst.integrations.transformers import (
     ForgetRetainCollator,
@@ -216,6 +217,38 @@ def test_bf16_runs_and_logs(tmp_path):
     logs = step_logs(trainer)
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(entry["norm_update"])) for entry in logs)
     assert max_difference(weights(trainer.model), before) > 1e-4
+    assert type(inner_optimizer(trainer)) is torch.optim.AdamW  # float32 weights keep the Trainer's own
+
+
+def inner_optimizer(trainer) -> torch.optim.Optimizer:
+    return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # through accelerate's wrapper
+
+
+def test_bf16_weights_get_float32_adam_moments_that_survive_resume(tmp_path):
+    """A model loaded in bf16: Float32AdamW (bf16 moments cannot decay), moments float32 after a resume."""
+    common = {"steps": 4, "batch_size": 2, "gas": 1, "synthesizer": "sum"}
+    save_at_2 = {"save_strategy": "steps", "save_steps": 2}
+    straight = worker.run(
+        tmp_path / "straight", model=worker.tiny_model(torch.bfloat16), args_overrides=save_at_2, **common
+    )
+    optimizer = inner_optimizer(straight)
+    assert type(optimizer) is Float32AdamW
+    assert optimizer.param_groups[0]["lr"] == worker.LR and optimizer.param_groups[0]["eps"] == 1e-8
+    moments = [optimizer.state[p] for p in straight.model.parameters() if p in optimizer.state]
+    assert moments and all(s["exp_avg_sq"].dtype == torch.float32 for s in moments)
+
+    resumed = UnlearningTrainer(
+        model=worker.tiny_model(torch.bfloat16),
+        args=worker.training_args(tmp_path / "resumed", steps=4, batch_size=2, gas=1, **save_at_2),
+        train_dataset=ForgetRetainDataset(worker.FORGET, worker.RETAIN, seed=0, length=8),
+        synthesizer="sum",
+        forget_loss="ga",
+        retain_loss="nll",
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    # bf16 moments on reload (torch's load_state_dict casts to the parameter dtype) would change the weights
+    assert max_difference(weights(resumed.model), weights(straight.model)) == 0
+    assert max_difference(weights(straight.model), weights(worker.tiny_model(torch.bfloat16))) > 1e-3
 
 
 def test_report_to_trackers_receive_window_means(tmp_path):

@@ -50,6 +50,7 @@ from retainfirst.data import collate
 from retainfirst.engine.batches import ExampleStream
 from retainfirst.engine.grads import Grads, accumulate, mean_across_ranks, put_grads, take_grads, write_update
 from retainfirst.engine.model_setup import select_trainable
+from retainfirst.engine.optim import Float32AdamW
 from retainfirst.errors import NonFiniteError, RetainFirstError
 from retainfirst.objectives import (
     AdapterDisabledReference,
@@ -74,6 +75,9 @@ LossFunction = Callable[[nn.Module, dict[str, Tensor]], Tensor]
 REFERENCE_CHOICES = ("auto", "copy", "adapter")
 FORGET, RETAIN = "forget", "retain"
 IGNORE_INDEX = -100  # HF label value for "not scored"
+# TrainingArguments.optim values that mean torch's AdamW (the default is one of them)
+TORCH_ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused")
+HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +261,15 @@ class UnlearningTrainerMixin:
     - ``trainable_patterns``: regexes on parameter names; only matches train (RMU, for example,
       wants ``forget.trainable_patterns``). None keeps the model's ``requires_grad`` as it is.
 
+    Optimizer: when ``args.optim`` is torch's AdamW (``"adamw_torch"`` or ``"adamw_torch_fused"``,
+    the Trainer's defaults), no optimizer was passed in and a trainable parameter is bf16/fp16 (a
+    model loaded in half precision), the optimizer is :class:`retainfirst.engine.optim.Float32AdamW`,
+    the engine's own: torch's AdamW keeps its moments in the parameter dtype, where ``0.999 * v``
+    rounds back to ``v`` and the second moment never decays. Same hyperparameters and weight-decay
+    groups; for float32/float64 parameters it gives exactly torch's AdamW, which is why other
+    models keep the Trainer's own optimizer (and its fused kernel). Pass ``optimizers=`` or
+    ``optimizer_cls_and_kwargs=`` to choose another.
+
     Without a ``data_collator`` a :class:`ForgetRetainCollator` is used. The Trainer's logged
     ``loss`` is ``forget_loss + retain_loss``; both are logged separately too, with the
     synthesizer's stats (``conflict_fraction``, ``cos_update_retain``, ...) and the objectives'
@@ -341,6 +354,30 @@ class UnlearningTrainerMixin:
             raise RetainFirstError("DeepSpeed is not supported by the unlearning trainer; use DDP (torchrun)")
         if getattr(self, "is_fsdp_enabled", False):
             raise RetainFirstError("FSDP is not supported by the unlearning trainer; use DDP (torchrun)")
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, except Float32AdamW for torch's AdamW on half-precision weights."""
+        if not (
+            self.optimizer is None
+            and getattr(self, "optimizer_cls_and_kwargs", None) is None
+            and str(getattr(self.args.optim, "value", self.args.optim)) in TORCH_ADAMW_NAMES
+            and any(
+                p.requires_grad and p.dtype in HALF_PRECISION
+                for p in (self.model if model is None else model).parameters()
+            )
+        ):
+            return super().create_optimizer(model)
+        args = self.args
+        adamw = {
+            "lr": args.learning_rate,
+            "betas": (args.adam_beta1, args.adam_beta2),
+            "eps": args.adam_epsilon,
+        }
+        self.optimizer_cls_and_kwargs = (Float32AdamW, adamw)  # the Trainer still builds the decay groups
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = None
 
     def _keep_pair_columns(self) -> None:
         """``remove_unused_columns`` would drop "forget"/"retain" (not forward() arguments): keep them."""
