@@ -37,6 +37,7 @@ from retainfirst.io import read_user_text
 from retainfirst.validation import (
     CommaList,
     Int,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     Settings,
@@ -45,7 +46,7 @@ from retainfirst.validation import (
 )
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-DataSource = Literal["facts", "corpus", "rwku"]
+DataSource = Literal["facts", "corpus", "rwku", "tofu"]
 McqMode = Literal["option", "letter"]
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)
 DATA_SOURCES: tuple[str, ...] = typing.get_args(DataSource)
@@ -140,6 +141,10 @@ class DataConfig(Settings):
     hub_config: str | None = None  # dataset config of hub ids (e.g. wikitext-2-raw-v1)
     rwku_forget_targets: RangeText = "1-50"
     rwku_retain_targets: RangeText = "151-200"
+    # source ``tofu``: question/answer pairs of the TOFU folder ``dir`` (loss on the answer tokens);
+    # forget01/05/10 pairs with retain99/95/90, prompts in the template TOFU fine-tuned with.
+    tofu_split: Literal["forget01", "forget05", "forget10"] = "forget10"
+    tofu_template: Literal["llama2", "qa"] = "llama2"
     max_length: Annotated[Int, Field(ge=2)] = 64  # tokens per example (documents are packed into chunks)
     pack: bool = True
     max_forget_examples: PositiveInt | None = None  # cap after tokenization (None = all)
@@ -170,6 +175,40 @@ class EvalConfig(Settings):
     lm_eval_limit: PositiveInt | None = None
     # lm-eval task YAMLs from local files can run Python (`!function`): refused unless allowed here.
     lm_eval_allow_code: bool = False
+    # TOFU (task `tofu`): folder (None = data.dir), split/template (None = data.tofu_*), questions
+    # per set (TOFU's ds_size), answer length, and the retain model's saved results (forget quality).
+    tofu_dir: str | None = None
+    tofu_split: Literal["forget01", "forget05", "forget10"] | None = None
+    tofu_template: Literal["llama2", "qa"] | None = None
+    tofu_limit: PositiveInt | None = 300
+    tofu_max_new_tokens: PositiveInt = 200
+    tofu_retain_results: str | None = None
+    # MUSE (task `muse`): folder (None = data.dir), corpus (selects the published retrained AUC),
+    # the retrained model's saved results (PrivLeak), tokens per PrivLeak text, items per set.
+    muse_dir: str | None = None
+    muse_corpus: Literal["news", "books"] | None = None
+    muse_retrain_results: str | None = None
+    muse_max_length: PositiveInt = 2048
+    muse_limit: PositiveInt | None = None
+    # Relearning attack (task `relearn`): fine-tune a copy of each unlearned model on forget-related
+    # text, then re-score the forget tasks. `targets` trains on passages of some forget targets and
+    # scores the others; `passages` trains on a share of the forget passages and scores every probe.
+    relearn_steps: PositiveInt = 10
+    relearn_lr: PositiveFloat = 5e-5
+    relearn_batch_size: PositiveInt = 4
+    relearn_max_length: Annotated[Int, Field(ge=2)] = 128
+    relearn_split: Literal["targets", "passages"] = "targets"
+    relearn_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
+    relearn_texts: str | None = None  # text file (relative to data.dir); None = the forget corpus
+    relearn_seed: NonNegativeInt = 0
+    relearn_tasks: Annotated[list[str], CommaList] | None = None  # None = every forget task
+    # Quantization attack (task `quantize`): round-to-nearest weights, then forget and utility again.
+    quantize_bits: Annotated[list[Annotated[Int, Field(ge=2, le=8)]], CommaList] = Field(
+        default_factory=lambda: [8, 4]
+    )
+    quantize_group_size: Annotated[Int, Field(ge=-1)] = 128  # columns per group; -1 = whole row
+    quantize_embeddings: bool = False  # also round the embeddings (and a head tied to them)
+    quantize_tasks: Annotated[list[str], CommaList] | None = None  # None = every forget/utility task
 
 
 class RunConfig(Settings):
@@ -215,8 +254,8 @@ class RunConfig(Settings):
         data = self.data
         if data.source == "corpus" and not (data.forget and data.retain):
             raise ValueError("data.source=corpus needs data.forget and data.retain (text files)")
-        if data.source == "rwku" and not data.dir:
-            raise ValueError("data.source=rwku needs data.dir (the RWKU folder)")
+        if data.source in ("rwku", "tofu") and not data.dir:
+            raise ValueError(f"data.source={data.source} needs data.dir (the {data.source.upper()} folder)")
         from retainfirst.evals.tasks import check_tasks
 
         check_tasks(self)  # no task twice, and each task's own needs (e.g. a data folder)

@@ -95,6 +95,22 @@ def training_texts(context: TaskContext) -> tuple[list[str], list[str]]:
     return forget, retain
 
 
+def tofu_examples(context: TaskContext, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """TOFU's forget and retain question/answer pairs, the loss on the answer tokens only (as TOFU
+    trains); the texts (prompt + answer) also feed tasks that read the training texts (mia)."""
+    from retainfirst.data import tokenize_pairs
+    from retainfirst.data.tofu import tofu_training_pairs
+
+    data = context.config.data
+    forget, retain = tofu_training_pairs(data.dir or "", data.tofu_split, data.tofu_template)
+    context.forget_texts = [p + a for p, a in forget]
+    context.retain_texts = [p + a for p, a in retain]
+    return tuple(  # type: ignore[return-value]
+        tokenize_pairs([p for p, _ in pairs], [a for _, a in pairs], tokenizer, max_length=data.max_length)
+        for pairs in (forget, retain)
+    )
+
+
 def check_training_data(prep: Prepared, model: Any, plan: Sequence[SubRun]) -> None:
     """Fail now, not after the "before" evaluation, on data no sub-run could train on (empty sets,
     malformed examples, examples longer than the model's context or ``train.max_length``)."""
@@ -134,14 +150,15 @@ def prepare(
         wanted=wanted,
     )
     if training:
-        context.forget_texts, context.retain_texts = training_texts(context)
-        chunk = {"max_length": data.max_length, "pack": data.pack}
-        prep.forget_examples = tokenize_texts(context.forget_texts, tokenizer, **chunk)[
-            : data.max_forget_examples
-        ]
-        prep.retain_examples = tokenize_texts(context.retain_texts, tokenizer, **chunk)[
-            : data.max_retain_examples
-        ]
+        if data.source == "tofu":
+            forget_examples, retain_examples = tofu_examples(context, tokenizer)
+        else:
+            context.forget_texts, context.retain_texts = training_texts(context)
+            chunk = {"max_length": data.max_length, "pack": data.pack}
+            forget_examples = tokenize_texts(context.forget_texts, tokenizer, **chunk)
+            retain_examples = tokenize_texts(context.retain_texts, tokenizer, **chunk)
+        prep.forget_examples = forget_examples[: data.max_forget_examples]
+        prep.retain_examples = retain_examples[: data.max_retain_examples]
         prep.info |= {
             "forget_examples": len(prep.forget_examples),
             "retain_examples": len(prep.retain_examples),

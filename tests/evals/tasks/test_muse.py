@@ -53,16 +53,13 @@ def test_metadata():
 def test_check_config(make_context):
     with pytest.raises(RetainFirstError, match=r"muse needs data.dir or eval.muse_dir"):
         get_task("muse").check_config(make_context(data={"dir": None}).config)
-    context = make_context()
-    context.config.eval.muse_corpus = "papers"
     with pytest.raises(RetainFirstError, match="muse_corpus='papers'"):
-        get_task("muse").check_config(context.config)
+        make_context(muse_corpus="papers")  # the config itself knows the two corpora
 
 
 def test_prepare_and_run_with_published_then_saved_retrain_auc(make_context, model, byte_tokenizer, tmp_path):
-    context = make_context(data={"dir": str(write_muse(tmp_path / "news"))})
+    context = make_context(data={"dir": str(write_muse(tmp_path / "news"))}, muse_corpus="news")
     settings = context.config.eval
-    settings.muse_corpus = "news"
     task = get_task("muse")
     data = task.prepare(context)
     results = {r.task: r for r in task.run(model, byte_tokenizer, data, settings)}

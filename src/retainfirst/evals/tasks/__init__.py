@@ -112,8 +112,12 @@ from retainfirst.evals.tasks import (  # noqa: E402,F401
     lm_eval,
     mia,
     mmlu,
+    muse,
     perplexity,
+    quantize,
+    relearn,
     rwku,
+    tofu,
     wmdp_bio,
     wmdp_cyber,
 )
