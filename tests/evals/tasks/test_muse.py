@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
+from retainfirst.config import EvalConfig, with_changes
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.muse import PUBLISHED_RETRAIN_AUC
 from retainfirst.evals.results import EvalResult, save_results
-from retainfirst.evals.tasks import available_tasks, get_task, register_task, unregister_task
-
-
-@pytest.fixture(autouse=True, scope="module")
-def registered():
-    """Register the task for these tests only (other tests see exactly the built-in tasks)."""
-    was_registered = "muse" in available_tasks()
-    from retainfirst.evals.tasks.muse import MuseTask
-
-    register_task("muse")(MuseTask)
-    yield
-    if not was_registered:
-        unregister_task("muse")
+from retainfirst.evals.tasks import get_task
 
 
 def write_muse(root):
@@ -53,8 +43,17 @@ def test_metadata():
 def test_check_config(make_context):
     with pytest.raises(RetainFirstError, match=r"muse needs data.dir or eval.muse_dir"):
         get_task("muse").check_config(make_context(data={"dir": None}).config)
-    with pytest.raises(RetainFirstError, match="muse_corpus='papers'"):
+    get_task("muse").check_config(make_context(muse_dir="elsewhere", data={"dir": None}).config)
+    with pytest.raises(
+        RetainFirstError, match=r"^config: eval\.muse_corpus='papers' is not valid; choose one of"
+    ):
         make_context(muse_corpus="papers")  # the config itself knows the two corpora
+
+
+def test_the_config_offers_exactly_the_corpora_with_a_published_retrain_auc():
+    corpus = EvalConfig.model_fields["muse_corpus"].annotation
+    assert set(typing.get_args(typing.get_args(corpus)[0])) == set(PUBLISHED_RETRAIN_AUC)
+    assert type(None) in typing.get_args(corpus)  # none: PrivLeak needs eval.muse_retrain_results
 
 
 def test_prepare_and_run_with_published_then_saved_retrain_auc(make_context, model, byte_tokenizer, tmp_path):
@@ -77,7 +76,8 @@ def test_prepare_and_run_with_published_then_saved_retrain_auc(make_context, mod
 
     # The same model as the retrained one: PrivLeak 0.
     saved = save_results(list(results.values()), tmp_path / "retrain" / "results.json")
-    settings.muse_retrain_results = str(saved)
+    settings = with_changes(settings, muse_retrain_results=str(saved))
+    context.config = with_changes(context.config, eval=settings)
     again = {r.task: r for r in task.run(model, byte_tokenizer, task.prepare(context), settings)}
     assert again["muse_privleak"].metrics["privleak"] == 0.0
 

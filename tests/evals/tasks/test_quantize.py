@@ -8,10 +8,12 @@ import copy
 import pytest
 import torch
 
+from retainfirst.config import EvalConfig
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.attacks.quantize import fake_quantize, quantize_groups, quantize_model
 from retainfirst.evals.results import EvalResult
 from retainfirst.evals.tasks import EvalTask, check_tasks, get_task, register_task, unregister_task
+from retainfirst.evals.tasks.quantize import DEFAULT_BITS
 
 GROUP = 16
 
@@ -56,21 +58,13 @@ class NormUtility(EvalTask):
 
 @pytest.fixture
 def quantize():
-    """The task registered only while a test runs (the registry tests list the built-ins exactly)."""
-    from retainfirst.evals.tasks import quantize as module
-
-    register_task("quantize")(module.QuantizeTask)
+    """The built-in task, with the test tasks registered only while a test runs (the registry tests
+    list the built-ins exactly)."""
     register_task("distance_forget")(DistanceForget)
     register_task("norm_utility")(NormUtility)
     yield get_task("quantize")
-    for name in ("quantize", "distance_forget", "norm_utility"):
+    for name in ("distance_forget", "norm_utility"):
         unregister_task(name)
-
-
-def configure(context, **options):
-    for key, value in options.items():
-        setattr(context.config.eval, key, value)
-    return context
 
 
 @pytest.fixture
@@ -106,30 +100,40 @@ def test_metadata(quantize):
 
 
 def test_config_checks(quantize, make_context):
-    context = make_context(tasks=["quantize"])
+    # The config runs check_tasks when it is built, so a bad setting never makes a config.
     with pytest.raises(RetainFirstError, match="re-runs the forget/utility tasks"):
-        check_tasks(context.config)
+        make_context(tasks=["quantize"])
     for options, message in [
-        ({"quantize_bits": [4, 1]}, "bits must be an integer from 2 to 8"),
+        ({"quantize_bits": [4, 1]}, r"^config: eval\.quantize_bits\[1\]=1 must be an integer in \[2, 8\]$"),
+        ({"quantize_bits": [4, 9]}, r"^config: eval\.quantize_bits\[1\]=9 must be an integer in \[2, 8\]$"),
         ({"quantize_bits": []}, "non-empty list"),
+        ({"quantize_bits": [4, 4]}, "non-empty list of distinct bit widths"),
         ({"quantize_group_size": 0}, "group size must be >= 1 or -1"),
-        ({"quantize_embeddings": "yes"}, "true or false"),
+        ({"quantize_group_size": -2}, r"^config: eval\.quantize_group_size=-2 must be an integer >= -1$"),
+        (
+            {"quantize_embeddings": "yes"},
+            r"^config: eval\.quantize_embeddings='yes' is invalid; expected true or false$",
+        ),
         ({"quantize_tasks": ["mia"]}, "lists 'mia', which has no forget/utility number"),
     ]:
         with pytest.raises(RetainFirstError, match=message):
-            check_tasks(configure(make_context(tasks=["facts", "quantize"]), **options).config)
-    configure(context, quantize_tasks=["mmlu"])
-    context.config.eval.tasks = ["facts", "quantize"]
+            make_context(tasks=["facts", "quantize"], **options)
+    context = make_context(tasks=["facts", "quantize"], quantize_tasks=["mmlu"])
     check_tasks(context.config)
     assert [t.id for t in quantize.inner_tasks(context.config)] == ["mmlu"]
+
+
+def test_the_listed_headlines_are_those_of_the_default_bit_widths():
+    assert list(DEFAULT_BITS) == EvalConfig().quantize_bits
 
 
 def test_four_bit_rounding_undoes_a_sub_step_unlearning_exactly(
     quantize, make_context, on_grid, byte_tokenizer
 ):
-    context = make_context(tasks=["distance_forget", "norm_utility", "quantize"], training=True)
+    context = make_context(
+        tasks=["distance_forget", "norm_utility", "quantize"], training=True, quantize_group_size=GROUP
+    )
     context.model = on_grid
-    configure(context, quantize_group_size=GROUP)
     data = quantize.prepare(context)
     assert data.reference_score == 1.0
     assert quantize.run(on_grid, byte_tokenizer, data, context.config.eval) == []  # the "before" row
@@ -163,9 +167,7 @@ def test_four_bit_rounding_undoes_a_sub_step_unlearning_exactly(
 
 
 def test_runs_the_facts_and_mmlu_tasks_on_a_quantized_copy(quantize, make_context, model, byte_tokenizer):
-    context = configure(
-        make_context(tasks=["facts", "perplexity", "quantize"], probe_limit=1), quantize_bits=[4]
-    )
+    context = make_context(tasks=["facts", "perplexity", "quantize"], probe_limit=1, quantize_bits=[4])
     data = quantize.prepare(context)
     assert data.reference is None and [t.id for t in data.tasks] == ["facts", "perplexity"]
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -23,8 +23,12 @@ def test_available_tasks_lists_the_built_ins():
         "lm_eval:<task>",
         "mia",
         "mmlu",
+        "muse",
         "perplexity",
+        "quantize",
+        "relearn",
         "rwku",
+        "tofu",
         "wmdp_bio",
         "wmdp_cyber",
     ]

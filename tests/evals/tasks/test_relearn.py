@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+import typing
 
 import pytest
 import torch
 
+from retainfirst.config import EvalConfig
 from retainfirst.errors import RetainFirstError
-from retainfirst.evals.attacks.relearn import finetune
+from retainfirst.evals.attacks.relearn import SPLITS, finetune
 from retainfirst.evals.results import EvalResult
 from retainfirst.evals.tasks import EvalTask, check_tasks, get_task, register_task, unregister_task
 
@@ -47,20 +49,11 @@ class DistanceForget(EvalTask):
 
 @pytest.fixture
 def relearn():
-    """The task registered only while a test runs (the registry tests list the built-ins exactly)."""
-    from retainfirst.evals.tasks import relearn as module
-
-    register_task("relearn")(module.RelearnTask)
+    """The built-in task, with the test task registered only while a test runs (the registry tests
+    list the built-ins exactly)."""
     register_task("distance_forget")(DistanceForget)
     yield get_task("relearn")
-    unregister_task("relearn")
     unregister_task("distance_forget")
-
-
-def configure(context, **options):
-    for key, value in options.items():
-        setattr(context.config.eval, key, value)
-    return context
 
 
 def unlearned_copy(model):
@@ -83,31 +76,37 @@ def test_metadata_is_diagnostic(relearn):
 
 
 def test_config_checks(relearn, make_context):
-    context = make_context(tasks=["mmlu", "relearn"])
+    # The config runs check_tasks when it is built, so a bad setting never makes a config.
     with pytest.raises(RetainFirstError, match=r"re-runs the forget tasks, but eval\.tasks has none"):
-        check_tasks(context.config)
-    context.config.eval.tasks = ["facts", "relearn"]
+        make_context(tasks=["mmlu", "relearn"])
+    context = make_context(tasks=["facts", "relearn"])
     check_tasks(context.config)
     assert relearn.sources(context.config) == {"facts"}
     for options, message in [
-        ({"relearn_steps": 0}, "relearn_steps must be >= 1"),
-        ({"relearn_lr": 0.0}, "relearn_lr must be > 0"),
-        ({"relearn_split": "facts"}, "relearn_split='facts' is not valid"),
-        ({"relearn_fraction": 1.0}, r"relearn_fraction must be in \(0, 1\)"),
+        ({"relearn_steps": 0}, r"^config: eval\.relearn_steps=0 must be an integer >= 1$"),
+        ({"relearn_lr": 0.0}, r"^config: eval\.relearn_lr=0\.0 must be > 0$"),
+        ({"relearn_split": "facts"}, r"^config: eval\.relearn_split='facts' is not valid"),
+        ({"relearn_fraction": 0.0}, r"^config: eval\.relearn_fraction=0\.0 must be in \(0, 1\]$"),
+        ({"relearn_fraction": 1.5}, r"^config: eval\.relearn_fraction=1\.5 must be in \(0, 1\]$"),
+        ({"relearn_fraction": 1.0}, r"relearn_fraction must be in \(0, 1\) with relearn_split=targets"),
+        ({"relearn_texts": " "}, r"relearn_texts must be a file name or null"),
         ({"relearn_tasks": ["mmlu"]}, "lists 'mmlu', which has no forget number"),
     ]:
-        bad = configure(make_context(tasks=["facts", "relearn"]), **options)
         with pytest.raises(RetainFirstError, match=message):
-            check_tasks(bad.config)
+            make_context(tasks=["facts", "relearn"], **options)
+    # All of them, and every passage, with relearn_split=passages.
+    make_context(tasks=["facts", "relearn"], relearn_split="passages", relearn_fraction=1.0)
+
+
+def test_the_config_offers_exactly_the_attack_splits():
+    assert set(typing.get_args(EvalConfig.model_fields["relearn_split"].annotation)) == set(SPLITS)
 
 
 def test_recovered_fraction_is_exact_and_the_before_model_is_not_attacked(
     relearn, make_context, model, byte_tokenizer
 ):
     options = {"relearn_split": "passages", "relearn_fraction": 1.0, "relearn_steps": 3, "relearn_lr": 1e-2}
-    context = configure(
-        make_context(tasks=["distance_forget", "relearn"], training=True, forget=TEXTS), **options
-    )
+    context = make_context(tasks=["distance_forget", "relearn"], training=True, forget=TEXTS, **options)
     check_tasks(context.config)
     data = relearn.prepare(context)
     assert data.reference_score == 1.0  # measured on the original model when prepared
@@ -142,10 +141,8 @@ def test_recovered_fraction_is_exact_and_the_before_model_is_not_attacked(
 def test_without_the_model_before_unlearning_only_absolute_scores_are_reported(
     relearn, make_context, model, byte_tokenizer
 ):
-    context = configure(
-        make_context(tasks=["distance_forget", "relearn"], forget=TEXTS),
-        relearn_split="passages",
-        relearn_steps=1,
+    context = make_context(
+        tasks=["distance_forget", "relearn"], forget=TEXTS, relearn_split="passages", relearn_steps=1
     )
     data = relearn.prepare(context)
     assert data.reference is None
@@ -157,7 +154,7 @@ def test_without_the_model_before_unlearning_only_absolute_scores_are_reported(
 def test_targets_split_relearns_some_facts_and_scores_only_the_others(
     relearn, make_context, model, byte_tokenizer, tiny_bench, tmp_path
 ):
-    context = configure(make_context(tasks=["facts", "relearn"], training=True), relearn_steps=2)
+    context = make_context(tasks=["facts", "relearn"], training=True, relearn_steps=2)
     context.workdir = tmp_path
     context.forget_texts = list(tiny_bench.forget_corpus)
     data = relearn.prepare(context)
@@ -190,17 +187,18 @@ def test_targets_split_relearns_some_facts_and_scores_only_the_others(
 
 
 def test_targets_split_needs_probe_targets(relearn, make_context):
-    context = configure(make_context(tasks=["distance_forget", "relearn"], forget=TEXTS))
+    context = make_context(tasks=["distance_forget", "relearn"], forget=TEXTS)
     with pytest.raises(RetainFirstError, match="at least 2 forget targets"):
         relearn.prepare(context)
-    context = configure(make_context(tasks=["distance_forget", "relearn"]), relearn_split="passages")
+    context = make_context(tasks=["distance_forget", "relearn"], relearn_split="passages")
     with pytest.raises(RetainFirstError, match="needs forget-related text"):
         relearn.prepare(context)
 
 
 def test_relearn_texts_file_replaces_the_forget_corpus(relearn, make_context):
-    context = configure(
-        make_context(tasks=["distance_forget", "relearn"], forget=TEXTS),
+    context = make_context(
+        tasks=["distance_forget", "relearn"],
+        forget=TEXTS,
         relearn_split="passages",
         relearn_fraction=1.0,
         relearn_texts="general.txt",

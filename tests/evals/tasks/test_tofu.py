@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
+from retainfirst.config import DataConfig, EvalConfig, with_changes
+from retainfirst.data.tofu import FORGET_SPLITS, TEMPLATES
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.results import EvalResult, save_results
-from retainfirst.evals.tasks import available_tasks, get_task, register_task, unregister_task
-
-
-@pytest.fixture(autouse=True, scope="module")
-def registered():
-    """Register the task for these tests only (other tests see exactly the built-in tasks)."""
-    was_registered = "tofu" in available_tasks()
-    from retainfirst.evals.tasks.tofu import TofuTask
-
-    register_task("tofu")(TofuTask)
-    yield
-    if not was_registered:
-        unregister_task("tofu")
+from retainfirst.evals.tasks import get_task
 
 
 def write_tofu(root):
@@ -80,21 +71,39 @@ def test_check_config_names_the_missing_setting(make_context):
     context = make_context(data={"dir": None})
     with pytest.raises(RetainFirstError, match=r"tofu needs data.dir or eval.tofu_dir"):
         get_task("tofu").check_config(context.config)
-    context = make_context()
-    context.config.data.tofu_split = "forget02"  # the training data's split, when eval names none
-    with pytest.raises(RetainFirstError, match="TOFU split 'forget02'"):
-        get_task("tofu").check_config(context.config)
-    context.config.eval.tofu_split, context.config.eval.tofu_template = "forget05", "chatml"
-    with pytest.raises(RetainFirstError, match="TOFU template 'chatml'"):
-        get_task("tofu").check_config(context.config)
+    get_task("tofu").check_config(make_context(tofu_dir="elsewhere", data={"dir": None}).config)
+    # Split and template are checked by the config itself, in both sections, naming the key.
+    with pytest.raises(RetainFirstError, match=r"data\.tofu_split='forget02' is not valid"):
+        make_context(data={"tofu_split": "forget02"})
+    with pytest.raises(RetainFirstError, match=r"eval\.tofu_split='forget02' is not valid"):
+        make_context(tofu_split="forget02")
+    with pytest.raises(RetainFirstError, match=r"eval\.tofu_template='chatml' is not valid"):
+        make_context(tofu_split="forget05", tofu_template="chatml")
+    with pytest.raises(RetainFirstError, match=r"data\.tofu_template='chatml' is not valid"):
+        make_context(data={"tofu_template": "chatml"})
+
+
+def literal_choices(annotation):
+    """The values of the Literal in a field's type (``Literal[...] | None`` included)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return set(typing.get_args(annotation))
+    return set().union(*(literal_choices(arg) for arg in typing.get_args(annotation)))
+
+
+def test_the_config_offers_exactly_the_splits_and_templates_the_loader_knows():
+    for section in (DataConfig, EvalConfig):
+        assert literal_choices(section.model_fields["tofu_split"].annotation) == set(FORGET_SPLITS)
+        assert literal_choices(section.model_fields["tofu_template"].annotation) == set(TEMPLATES)
 
 
 def test_prepare_and_run_then_forget_quality_against_a_saved_retain_evaluation(
     make_context, model, byte_tokenizer, tmp_path
 ):
-    context = make_context(data={"dir": str(write_tofu(tmp_path / "tofu"))})
+    # The split comes from the training data's section when eval names none.
+    context = make_context(
+        data={"dir": str(write_tofu(tmp_path / "tofu")), "tofu_split": "forget01"}, tofu_max_new_tokens=4
+    )
     settings = context.config.eval
-    context.config.data.tofu_split, settings.tofu_max_new_tokens = "forget01", 4
     task = get_task("tofu")
     data = task.prepare(context)
     assert task.describe(data) == "forget 4, retain 1, real_authors 1, world_facts 1 questions"
@@ -110,18 +119,22 @@ def test_prepare_and_run_then_forget_quality_against_a_saved_retain_evaluation(
 
     # The same model as its own "retain model": identical distributions, KS statistic 0, p-value 1.
     saved = save_results(results, tmp_path / "retain" / "results.json", extra={"model": "retain"})
-    settings.tofu_retain_results = str(saved)
+    settings = with_changes(settings, tofu_retain_results=str(saved))
+    context.config = with_changes(context.config, eval=settings)
     again = {r.task: r for r in task.run(model, byte_tokenizer, task.prepare(context), settings)}
     assert again["tofu_forget_quality"].metrics == {"forget_quality": 1.0, "ks_statistic": 0.0}
 
 
 def test_a_bad_reference_file_fails_in_prepare(make_context, tmp_path):
-    context = make_context(data={"dir": str(write_tofu(tmp_path / "tofu"))})
-    context.config.eval.tofu_split = "forget01"
-    context.config.eval.tofu_retain_results = str(tmp_path / "missing.json")
+    folder = str(write_tofu(tmp_path / "tofu"))
+    context = make_context(
+        data={"dir": folder}, tofu_split="forget01", tofu_retain_results=str(tmp_path / "missing.json")
+    )
     with pytest.raises(RetainFirstError, match="does not exist"):
         get_task("tofu").prepare(context)
     (tmp_path / "bad.json").write_text(json.dumps({"results": []}))
-    context.config.eval.tofu_retain_results = str(tmp_path / "bad.json")
+    context = make_context(
+        data={"dir": folder}, tofu_split="forget01", tofu_retain_results=str(tmp_path / "bad.json")
+    )
     with pytest.raises(RetainFirstError, match="no tofu_forget result"):
         get_task("tofu").prepare(context)

@@ -30,12 +30,6 @@ from retainfirst.evals.tasks.base import EvalTask, Headline, Role, TaskContext, 
 MIN_FORGOTTEN = 1e-9  # below this drop in forget score the recovered fraction is undefined
 
 
-def option(settings: Any, name: str, default: Any) -> Any:
-    """An attack option of the ``eval`` config section (``default`` when the section lacks it)."""
-    value = getattr(settings, name, default)
-    return default if value is None and default is not None else value
-
-
 HeadlineValues = dict[str, tuple[Headline, float]]
 
 
@@ -137,7 +131,7 @@ class AttackTask(EvalTask):
     def inner_tasks(self, config: Any) -> list[EvalTask]:
         """The tasks to re-run: ``eval.<tasks_option>`` or every task of ``eval.tasks`` with a
         headline of ``target_roles`` (never another attack)."""
-        named = option(config.eval, self.tasks_option, None)
+        named = getattr(config.eval, self.tasks_option)
         tasks: list[EvalTask] = []
         for name in config.eval.tasks if named is None else named:
             task = get_task(name)

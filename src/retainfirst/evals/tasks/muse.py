@@ -20,14 +20,6 @@ from retainfirst.evals.results import EvalResult
 from retainfirst.evals.tasks import register_task
 from retainfirst.evals.tasks.base import EvalTask, Headline, TaskContext, limited
 
-DEFAULTS = {
-    "muse_dir": None,  # the MUSE corpus folder; None = data.dir
-    "muse_corpus": None,  # news | books: selects MUSE's published retrained-model AUC
-    "muse_retrain_results": None,
-    "muse_max_length": 2048,  # tokens per PrivLeak text (MUSE's training max_len)
-    "muse_limit": None,  # items per set
-}
-
 VERBMEM = Headline(
     "muse_verbmem",
     "forget",
@@ -71,12 +63,8 @@ BY_RESULT = {
 }
 
 
-def setting(config_eval: Any, name: str) -> Any:
-    return getattr(config_eval, name, DEFAULTS[name])
-
-
 def muse_folder(config: Any) -> str | None:
-    return setting(config.eval, "muse_dir") or config.data.dir
+    return config.eval.muse_dir or config.data.dir
 
 
 def retrain_auc_from(path: str) -> float:
@@ -115,11 +103,6 @@ class MuseTask(EvalTask):
             raise RetainFirstError(
                 "config: eval task muse needs data.dir or eval.muse_dir (the MUSE corpus folder)"
             )
-        from retainfirst.evals.muse import PUBLISHED_RETRAIN_AUC
-
-        corpus = setting(config.eval, "muse_corpus")
-        if corpus is not None and corpus not in PUBLISHED_RETRAIN_AUC:
-            raise RetainFirstError(f"config: eval.muse_corpus={corpus!r} is not valid; choose news or books")
 
     def prepare(self, context: TaskContext) -> dict[str, Any]:
         from retainfirst.data.muse import load_muse
@@ -128,10 +111,10 @@ class MuseTask(EvalTask):
         config = context.config
         self.check_config(config)
         data = load_muse(muse_folder(config))
-        limit = setting(config.eval, "muse_limit")
+        limit = config.eval.muse_limit
         for name in ("verbmem", "knowmem_forget", "knowmem_retain", "privleak_forget", "privleak_holdout"):
             setattr(data, name, limited(getattr(data, name), limit))
-        path, corpus = setting(config.eval, "muse_retrain_results"), setting(config.eval, "muse_corpus")
+        path, corpus = config.eval.muse_retrain_results, config.eval.muse_corpus
         if path:
             retrain_auc, source = retrain_auc_from(path), f"retrained model's evaluation {path}"
         elif corpus:
@@ -162,7 +145,7 @@ class MuseTask(EvalTask):
                 scored = muse.knowmem(model, tokenizer, qa, icl, batch_size=batch)
                 extra = {"max_new_tokens": muse.KNOWMEM_MAX_NEW_TOKENS, "icl_examples": len(icl)}
                 results.append(_result(f"muse_knowmem_{split}", scored, extra))
-        max_length = setting(settings, "muse_max_length")
+        max_length = settings.muse_max_length
         options = {"max_length": max_length, "batch_size": batch}
         forget = muse.mink_scores(model, tokenizer, bundle.privleak_forget, name="privleak forget", **options)
         holdout = muse.mink_scores(

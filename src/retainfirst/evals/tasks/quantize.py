@@ -28,11 +28,10 @@ from retainfirst.evals.tasks.attack import (
     AttackTask,
     attack_headlines,
     evaluate_tasks,
-    option,
 )
 from retainfirst.evals.tasks.base import Headline, TaskContext
 
-DEFAULT_BITS = (8, 4)
+DEFAULT_BITS = (8, 4)  # eval.quantize_bits' default: the widths whose headlines are listed
 RESULT_NAME = re.compile(r"quant(\d+)(?:_forget|_utility)?")
 
 
@@ -58,23 +57,18 @@ class QuantizeTask(AttackTask):
         return {h.key: h for h in headlines_for_bits(int(match.group(1)))}.get(result.task)
 
     def options(self, settings: Any) -> dict[str, Any]:
-        bits = option(settings, "quantize_bits", list(DEFAULT_BITS))
-        if isinstance(bits, int) and not isinstance(bits, bool):
-            bits = [bits]
-        if not isinstance(bits, list | tuple) or not bits or len(set(bits)) != len(bits):
+        """The ``eval.quantize_*`` settings (the config checks each width; here, the list and group size)."""
+        bits, group_size = list(settings.quantize_bits), settings.quantize_group_size
+        if not bits or len(set(bits)) != len(bits):
             raise RetainFirstError(
                 "config: eval.quantize_bits must be a non-empty list of distinct bit widths"
             )
-        group_size = option(settings, "quantize_group_size", 128)
         for b in bits:
             try:
                 check_quantization(b, group_size)
             except RetainFirstError as exc:
                 raise RetainFirstError(f"config: eval.quantize_*: {exc}") from None
-        embeddings = option(settings, "quantize_embeddings", False)
-        if not isinstance(embeddings, bool):
-            raise RetainFirstError("config: eval.quantize_embeddings must be true or false")
-        return {"bits": list(bits), "group_size": group_size, "include_embeddings": embeddings}
+        return {"bits": bits, "group_size": group_size, "include_embeddings": settings.quantize_embeddings}
 
     def prepare(self, context: TaskContext) -> AttackData:
         data = self.prepare_inner(context)

@@ -20,7 +20,7 @@ import copy
 from typing import Any
 
 from retainfirst.errors import RetainFirstError
-from retainfirst.evals.attacks.relearn import SPLITS, finetune, sample_share, split_targets, texts_naming
+from retainfirst.evals.attacks.relearn import finetune, sample_share, split_targets, texts_naming
 from retainfirst.evals.results import EvalResult
 from retainfirst.evals.tasks import register_task
 from retainfirst.evals.tasks.attack import (
@@ -28,7 +28,6 @@ from retainfirst.evals.tasks.attack import (
     AttackTask,
     attack_headlines,
     evaluate_tasks,
-    option,
 )
 from retainfirst.evals.tasks.base import EvalTask, Headline, TaskContext
 
@@ -63,19 +62,6 @@ def restrict_probes(task: EvalTask, data: Any, targets: set[str] | None) -> Any:
     return {**data, "probes": families}
 
 
-def _number(settings: Any, name: str, default: Any, kind: type, low: float, *, above: bool = False) -> Any:
-    value = option(settings, name, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or (kind is int and not isinstance(value, int))
-    ):
-        raise RetainFirstError(f"config: eval.{name} must be {'an integer' if kind is int else 'a number'}")
-    if value < low or (above and value == low):
-        raise RetainFirstError(f"config: eval.{name} must be {'>' if above else '>='} {low}, got {value}")
-    return kind(value)
-
-
 @register_task(PREFIX)
 class RelearnTask(AttackTask):
     headline = "recovered"
@@ -91,26 +77,24 @@ class RelearnTask(AttackTask):
         return {h.key: h for h in self.headlines()}.get(result.task)
 
     def options(self, settings: Any) -> dict[str, Any]:
-        split = option(settings, "relearn_split", "targets")
-        if split not in SPLITS:
+        """The ``eval.relearn_*`` settings (the config checks each one; here, what it cannot)."""
+        split, fraction, texts = settings.relearn_split, settings.relearn_fraction, settings.relearn_texts
+        if split == "targets" and fraction == 1:
             raise RetainFirstError(
-                f"config: eval.relearn_split={split!r} is not valid; choose one of {', '.join(SPLITS)}"
+                "config: eval.relearn_fraction must be in (0, 1) with relearn_split=targets "
+                f"(some targets must stay unseen), got {fraction}"
             )
-        fraction = _number(settings, "relearn_fraction", 0.5, float, 0.0, above=True)
-        if fraction > 1 or (split == "targets" and fraction == 1):
-            raise RetainFirstError(f"config: eval.relearn_fraction must be in (0, 1), got {fraction}")
-        texts = option(settings, "relearn_texts", None)
-        if texts is not None and not (isinstance(texts, str) and texts.strip()):
+        if texts is not None and not texts.strip():
             raise RetainFirstError("config: eval.relearn_texts must be a file name or null")
         return {
-            "steps": _number(settings, "relearn_steps", 10, int, 1),
-            "lr": _number(settings, "relearn_lr", 5e-5, float, 0.0, above=True),
-            "batch_size": _number(settings, "relearn_batch_size", 4, int, 1),
-            "max_length": _number(settings, "relearn_max_length", 128, int, 2),
+            "steps": settings.relearn_steps,
+            "lr": settings.relearn_lr,
+            "batch_size": settings.relearn_batch_size,
+            "max_length": settings.relearn_max_length,
             "split": split,
             "fraction": fraction,
             "texts_file": texts,
-            "seed": _number(settings, "relearn_seed", 0, int, 0),
+            "seed": settings.relearn_seed,
         }
 
     def forget_material(self, context: TaskContext, texts_file: str | None) -> list[str]:

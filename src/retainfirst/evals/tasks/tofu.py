@@ -23,15 +23,6 @@ from retainfirst.evals.results import EvalResult
 from retainfirst.evals.tasks import register_task
 from retainfirst.evals.tasks.base import EvalTask, Headline, TaskContext
 
-DEFAULTS = {
-    "tofu_dir": None,  # the TOFU folder; None = data.dir
-    "tofu_split": "forget10",  # split and template: eval.*, else data.* (the training data's), else these
-    "tofu_limit": 300,  # questions per set: TOFU's eval_everything.yaml ds_size
-    "tofu_template": "llama2",
-    "tofu_max_new_tokens": 200,
-    "tofu_retain_results": None,
-}
-
 FORGET = Headline(
     "tofu_forget",
     "forget",
@@ -61,18 +52,13 @@ QUALITY = Headline(
 HEADLINES = {h.key: h for h in (FORGET, UTILITY, QUALITY)}
 
 
-def setting(config_eval: Any, name: str) -> Any:
-    """An ``eval.tofu_*`` setting, or its default while the config has no such field."""
-    return getattr(config_eval, name, DEFAULTS[name])
-
-
 def shared_setting(config: Any, name: str) -> Any:
-    """``eval.<name>``, else ``data.<name>`` (what the run trains on), else the default."""
-    return getattr(config.eval, name, None) or getattr(config.data, name, None) or DEFAULTS[name]
+    """``eval.<name>``, else ``data.<name>`` (what the run trains on)."""
+    return getattr(config.eval, name) or getattr(config.data, name)
 
 
 def tofu_folder(config: Any) -> str | None:
-    return setting(config.eval, "tofu_dir") or config.data.dir
+    return config.eval.tofu_dir or config.data.dir
 
 
 @register_task("tofu")
@@ -92,19 +78,6 @@ class TofuTask(EvalTask):
     def check_config(self, config: Any) -> None:
         if not tofu_folder(config):
             raise RetainFirstError("config: eval task tofu needs data.dir or eval.tofu_dir (the TOFU folder)")
-        from retainfirst.data.tofu import FORGET_SPLITS, TEMPLATES
-
-        split, template = shared_setting(config, "tofu_split"), shared_setting(config, "tofu_template")
-        if split not in FORGET_SPLITS:
-            raise RetainFirstError(
-                f"config: TOFU split {split!r} (eval.tofu_split or data.tofu_split) is not valid; "
-                f"choose one of {', '.join(FORGET_SPLITS)}"
-            )
-        if template not in TEMPLATES:
-            raise RetainFirstError(
-                f"config: TOFU template {template!r} (eval.tofu_template or data.tofu_template) "
-                f"is not valid; choose one of {', '.join(TEMPLATES)}"
-            )
 
     def prepare(self, context: TaskContext) -> dict[str, Any]:
         from retainfirst.data.tofu import load_tofu
@@ -113,8 +86,8 @@ class TofuTask(EvalTask):
         config = context.config
         self.check_config(config)
         split = shared_setting(config, "tofu_split")
-        data = load_tofu(tofu_folder(config), split, setting(config.eval, "tofu_limit"))
-        path = setting(config.eval, "tofu_retain_results")
+        data = load_tofu(tofu_folder(config), split, config.eval.tofu_limit)
+        path = config.eval.tofu_retain_results
         reference = None
         note = (
             "no eval.tofu_retain_results: forget quality needs a saved evaluation of the retain model "
@@ -154,7 +127,7 @@ class TofuTask(EvalTask):
             data["data"],
             template=data["template"],
             batch_size=settings.batch_size,
-            max_new_tokens=setting(settings, "tofu_max_new_tokens"),
+            max_new_tokens=settings.tofu_max_new_tokens,
             reference=data["reference"],
             reference_note=data["note"],
         )
