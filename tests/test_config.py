@@ -353,3 +353,11 @@ def test_bad_grids(items, message):
 def test_synthesizer_overrides_must_name_a_run():
     with pytest.raises(RetainFirstError, match="names 'blur', which is not run"):
         load_config(None, ["synthesizer_overrides={blur: {steps: 3}}"])
+
+
+def test_comma_and_scalar_overrides_of_number_lists():
+    assert load_config(None, ["eval.quantize_bits=8,4"]).eval.quantize_bits == [8, 4]
+    assert load_config(None, ["eval.quantize_bits=4"]).eval.quantize_bits == [4]
+    assert load_config(None, ["synthesizers=sum,sago"]).synthesizers == ["sum", "sago"]
+    with pytest.raises(RetainFirstError, match="quantize_bits"):
+        load_config(None, ["eval.quantize_bits=8,x"])

@@ -35,8 +35,23 @@ def _integral(value: Any) -> Any:
 
 
 def _comma_list(value: Any) -> Any:
-    """``"sum,sago"`` -> ``["sum", "sago"]`` (override values of list fields)."""
-    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    """Override values of list fields: ``"sum,sago"`` -> ``["sum", "sago"]``, ``"8,4"`` -> ``[8, 4]``,
+    and a lone scalar (``quantize_bits=4``) -> ``[4]``."""
+    if isinstance(value, str):
+        return [_scalar(part.strip()) for part in value.split(",") if part.strip()]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
+def _scalar(text: str) -> Any:
+    """A comma-list item: an integer or a number when it reads as one, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
 
 
 def _list_to_tuple(value: Any) -> Any:
