@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +40,7 @@ SYNTHESIZERS = ("sum", "pcgrad_global", "sago")
 STEPS = 3
 # (rtol, atol) of the final weights; see the module docstring for why pcgrad_global's is looser.
 WEIGHT_TOLERANCE = {"sum": (1e-12, 1e-15), "sago": (1e-12, 1e-15), "pcgrad_global": (1e-6, 1e-9)}
+SHARD_FILES = [f"optimizer_rank{r}.{ext}" for r in (0, 1) for ext in ("json", "safetensors")]
 STAT_KEYS = ("forget_loss", "retain_loss", "norm_forget", "norm_retain", "norm_update", "cos_forget_retain")
 
 PROBE = textwrap.dedent(
@@ -197,10 +200,7 @@ def test_sharded_optimizer_state_survives_sigkill(fsdp2_on_gloo, tmp_path):
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert sorted(p.name for p in (tmp_path / "optimizer").glob("*.distcp")) == [
-        "__0_0.distcp",
-        "__1_0.distcp",
-    ]
+    assert sorted(p.name for p in (tmp_path / "optimizer").iterdir()) == SHARD_FILES
 
     for code, err in wait_all(launch([str(WORKER), "--out", str(tmp_path), "--mode", "load"])):
         assert code == 0, err[-3000:]
@@ -209,14 +209,8 @@ def test_sharded_optimizer_state_survives_sigkill(fsdp2_on_gloo, tmp_path):
         assert (tmp_path / f"rank{rank}.verified").read_text() == "63 optimizer tensors\n"
 
 
-REFUSAL = "resuming an FSDP run is not supported yet"
-
-
 def test_fsdp2_run_killed_between_checkpoints_resumes_to_the_uninterrupted_result(runs, tmp_path):
-    """SIGKILL both ranks after a checkpoint, resume on 2 fresh ranks: same weights as one process.
-
-    Skipped (with the reason) while the engine refuses to resume FSDP runs; it runs as soon as the
-    loop saves and loads the optimizer shards (engine/fsdp.py)."""
+    """SIGKILL both ranks after a checkpoint, resume on 2 fresh ranks: same weights as one process."""
     common = ["--out", str(tmp_path), "--fsdp", "--synthesizers", "sum", "--steps", str(STEPS)]
     common += ["--checkpoint-every", "1", "--forget-batch-size", "2", "--retain-batch-size", "2"]
     procs = launch([str(WORKER), *common, "--sleep", "0.3"])
@@ -235,10 +229,10 @@ def test_fsdp2_run_killed_between_checkpoints_resumes_to_the_uninterrupted_resul
             proc.wait()
     latest = (tmp_path / "sum" / "checkpoints" / "latest").read_text().strip()
     assert latest in ("step-1", "step-2"), latest
+    manifest = json.loads((tmp_path / "sum" / "checkpoints" / latest / "manifest.json").read_text())
+    assert set(SHARD_FILES) <= set(manifest["files"])  # every rank's shard, written before the manifest
 
     results = wait_all(launch([str(WORKER), *common, "--resume"]))
-    if any(REFUSAL in err for _, err in results):
-        pytest.skip(f"the engine still refuses: {REFUSAL} (wire engine/fsdp.py into loop and checkpoint)")
     for code, err in results:
         assert code == 0, err[-3000:]
     resumed, single = final_weights(tmp_path / "sum"), final_weights(runs["single"] / "sum")
@@ -252,3 +246,68 @@ def test_load_sharded_optimizer_names_a_directory_without_shards(tmp_path):
 
     with pytest.raises(RetainFirstError, match="no sharded optimizer state"):
         load_sharded_optimizer(tmp_path, optimizer=None, model=torch.nn.Linear(2, 2))
+
+
+# ---- a pickle planted as an optimizer shard is refused, never executed ---------------------------
+
+
+class Payload:
+    """Unpickling this writes a marker file: proof that a loader executed attacker code."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def malicious_pickles(marker: Path) -> list[bytes]:
+    payload = Payload()
+    payload.marker = str(marker)
+    zipped = marker.with_name("payload.pt")
+    torch.save(payload, zipped)  # the torch.save (zip) flavour of the same payload
+    blobs = [pickle.dumps(payload), zipped.read_bytes()]
+    pickle.loads(blobs[0])  # the payload is live: unpickling it does write the marker
+    assert marker.read_text() == "pwned"
+    marker.unlink()
+    return blobs
+
+
+@pytest.mark.parametrize("name", SHARD_FILES)
+@pytest.mark.parametrize("refresh_manifest", [False, True])
+def test_pickle_planted_as_an_optimizer_shard_is_refused(runs, tmp_path, name, refresh_manifest):
+    """The manifest refuses a swapped shard file; with a matching manifest the format check does."""
+    from retainfirst.engine.checkpoint import read_checkpoint, write_manifest
+    from retainfirst.engine.fsdp import load_sharded_optimizer
+
+    marker = tmp_path / "marker"
+    step = tmp_path / f"step-{STEPS}"
+    shutil.copytree(runs["fsdp"] / "sum" / "checkpoints" / f"step-{STEPS}", step)
+    assert set(SHARD_FILES) <= {p.name for p in step.iterdir()}
+    rank = int(name.split(".")[0].removeprefix("optimizer_rank"))
+    for blob in malicious_pickles(marker):
+        (step / name).write_bytes(blob)
+        if refresh_manifest:
+            write_manifest(step)  # an attacker can make the manifest match; parsing must still refuse
+        with pytest.raises(RetainFirstError, match=f"step-{STEPS} is damaged \\({name}: "):
+            read_checkpoint(step, rank)
+        if rank == 0:  # the direct loader (no manifest) refuses too; it reads before touching the model
+            with pytest.raises(RetainFirstError, match=f"is damaged \\({name}: "):
+                load_sharded_optimizer(step, optimizer=None, model=torch.nn.Linear(2, 2))
+        assert not marker.exists()
+
+
+def test_fsdp2_resume_with_a_planted_shard_pickle_stops_every_rank(runs, tmp_path):
+    """Rank 1's shard is a pickle with a matching manifest: rank 1 refuses it, rank 0 stops too."""
+    from retainfirst.engine.checkpoint import write_manifest
+
+    marker = tmp_path / "marker"
+    shutil.copytree(runs["fsdp"] / "sum", tmp_path / "sum")
+    step = tmp_path / "sum" / "checkpoints" / f"step-{STEPS}"
+    (step / "optimizer_rank1.safetensors").write_bytes(malicious_pickles(marker)[1])
+    write_manifest(step)
+    common = ["--out", str(tmp_path), "--fsdp", "--synthesizers", "sum", "--steps", str(STEPS)]
+    results = wait_all(launch([str(WORKER), *common, "--resume"]))
+    assert [code != 0 for code, _ in results] == [True, True]
+    assert "process(es) [1] could not read their part" in results[0][1], results[0][1][-2000:]
+    assert "is damaged (optimizer_rank1.safetensors: " in results[1][1], results[1][1][-2000:]
+    assert not marker.exists()

@@ -11,6 +11,8 @@ safetensors, everything else to JSON. Contents of ``step-N/``:
   objective states, process count and the train config
 - ``rng_rank{R}.json`` + ``rng_rank{R}.safetensors``: Python, NumPy, torch and CUDA generator
   states of process R
+- FSDP runs only: ``optimizer_rank{R}.json`` + ``optimizer_rank{R}.safetensors``: process R's own
+  optimizer shard (engine/fsdp.py); ``training_state`` then holds no optimizer (``null``)
 - ``manifest.json`` (written last): format version, and SHA-256 and size of every other file.
   Resuming verifies it before reading anything else, so a damaged file fails loudly instead of
   resuming with wrong weights.
@@ -56,6 +58,14 @@ def step_dir_name(step: int) -> str:
 
 def rng_name(process_index: int) -> str:
     return f"rng_rank{process_index}"  # .json + .safetensors
+
+
+def optimizer_shard_name(process_index: int) -> str:
+    return f"optimizer_rank{process_index}"  # .json + .safetensors (FSDP runs)
+
+
+# State entries that every process writes for itself (the rest is written by the main process).
+PER_PROCESS = {"rng": rng_name, "optimizer_shard": optimizer_shard_name}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,7 +365,11 @@ class CheckpointWriter:
         accelerator.wait_for_everyone()
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write ``state`` (``model``: weights, ``rng``: this rank's generators, the rest: training state)."""
+        """Write ``state``: ``model`` (weights), :data:`PER_PROCESS` entries (this rank's), the rest.
+
+        Every rank writes its own files into the temporary directory; the manifest is written after
+        a barrier, so it covers all of them, and only then is the directory renamed into place.
+        """
         acc = self.accelerator
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f".tmp-{step_dir_name(step)}"
@@ -364,11 +378,14 @@ class CheckpointWriter:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
-        write_tree(tmp, rng_name(acc.process_index), state["rng"])
+        for key, name in PER_PROCESS.items():
+            if state.get(key) is not None:
+                write_tree(tmp, name(acc.process_index), state[key])
         if acc.is_main_process:
             save_file(unique_tensors(state["model"]), str(tmp / MODEL_FILE))
-            write_tree(tmp, STATE_NAME, {k: v for k, v in state.items() if k not in ("model", "rng")})
-        acc.wait_for_everyone()
+            shared = {k: v for k, v in state.items() if k != "model" and k not in PER_PROCESS}
+            write_tree(tmp, STATE_NAME, shared)
+        acc.wait_for_everyone()  # every rank's files are complete before the manifest hashes them
         if acc.is_main_process:
             write_manifest(tmp)  # last: it vouches for every file above
             if final.exists():  # a rerun of the same step (resume from an older pointer)
@@ -393,7 +410,10 @@ class CheckpointWriter:
 
 
 def read_checkpoint(path: Path, process_index: int) -> dict[str, Any]:
-    """Verify ``path`` against its manifest, then read it in the shape :meth:`CheckpointWriter.save` took."""
+    """Verify ``path`` against its manifest, then read it in the shape :meth:`CheckpointWriter.save` took.
+
+    ``optimizer_shard`` is this process's optimizer shard when the checkpoint has one (FSDP runs).
+    """
     rng = rng_name(process_index)
     required = [MODEL_FILE, f"{STATE_NAME}.json", f"{STATE_NAME}.safetensors"]
     listed = verify_checkpoint(path, required)
@@ -406,4 +426,7 @@ def read_checkpoint(path: Path, process_index: int) -> dict[str, Any]:
         raise damaged(path, f"{STATE_NAME}.json: not a JSON object")
     state["model"] = read_tensors(path / MODEL_FILE, path)
     state["rng"] = read_tree(path, rng)
+    shard = optimizer_shard_name(process_index)
+    if f"{shard}.json" in listed or f"{shard}.safetensors" in listed:
+        state["optimizer_shard"] = read_tree(path, shard)
     return state

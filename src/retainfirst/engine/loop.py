@@ -43,6 +43,11 @@ from retainfirst.engine.checkpoint import (
     set_rng_state,
 )
 from retainfirst.engine.config import TrainConfig
+from retainfirst.engine.fsdp import (
+    load_full_model_state,
+    load_sharded_optimizer_state,
+    sharded_optimizer_state,
+)
 from retainfirst.engine.grads import (
     Grads,
     accumulate,
@@ -131,14 +136,7 @@ class Unlearner:
                 "pass resume=True to continue it or use a new out_dir"
             )
         self.resume_from = existing if resume else None
-        if self.resume_from is not None and self.is_fsdp:
-            # Checkpoints hold the gathered model but only rank 0's optimizer shard: resuming would
-            # silently restart the other ranks' Adam moments, so refuse rather than diverge.
-            raise RetainFirstError(
-                "resuming an FSDP run is not supported yet (checkpoints keep only rank 0's optimizer "
-                f"shard); start a new run from the weights in {self.resume_from}"
-            )
-        saved = read_checkpoint(self.resume_from, self.rank) if self.resume_from is not None else None
+        saved = self._read_checkpoint(self.resume_from) if self.resume_from is not None else None
         if saved is not None:
             check_same_run(saved, cfg, self.resume_from, self.world)
 
@@ -154,6 +152,25 @@ class Unlearner:
         self.forget_grads: Grads = [None] * len(self.params)
         if saved is not None:
             self.load_state_dict(saved, source=self.resume_from)
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Every rank reads its part of ``path``; if any rank cannot, all of them stop (none waits)."""
+        error: RetainFirstError | None = None
+        try:
+            saved = read_checkpoint(path, self.rank)
+        except RetainFirstError as exc:
+            error = exc
+        if self.world > 1:
+            failed = torch.tensor([float(error is not None)], device=self.accelerator.device)
+            failed_ranks = self.accelerator.gather(failed).nonzero().flatten().tolist()
+            if failed_ranks and error is None:
+                raise RetainFirstError(
+                    f"cannot resume from {path}: process(es) {failed_ranks} could not read their part "
+                    "(see their error)"
+                )
+        if error is not None:
+            raise error
+        return saved
 
     def _setup_model(self, model: nn.Module) -> tuple[nn.Module, list[str]]:
         """Seed, LoRA adapters, trainable set, checkpointing, objective setup, reference."""
@@ -211,8 +228,12 @@ class Unlearner:
         return {
             "model": model_state(self.unwrapped, self.lora, full_state),
             "rng": rng_state(),
+            # FSDP: every rank keeps its own optimizer shard (engine/fsdp.py), the shared state none
+            "optimizer_shard": (
+                sharded_optimizer_state(self.optimizer, self.unwrapped) if self.is_fsdp else None
+            ),
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.is_fsdp else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "loss_scale": self.loss_scale.state_dict(),
             "forget_position": self.forget_stream.position,
@@ -225,11 +246,22 @@ class Unlearner:
 
     def load_state_dict(self, state: dict[str, Any], source: Path | None = None) -> None:
         """Restore :meth:`state_dict`; a state that does not fit is a RetainFirstError naming ``source``."""
+        where = source or Path("checkpoint")
         try:
-            load_model_state(self.unwrapped, state["model"], self.lora, source or Path("checkpoint"))
+            sharded = state.get("optimizer_shard") is not None
+            if sharded != self.is_fsdp:
+                raise RetainFirstError(
+                    f"{where} was written by {'an FSDP' if sharded else 'a non-FSDP'} run; "
+                    f"resume it {'under FSDP' if sharded else 'without FSDP'} with as many processes"
+                )
+            if self.is_fsdp:
+                load_full_model_state(self.unwrapped, state["model"], where)
+                load_sharded_optimizer_state(self.optimizer, self.unwrapped, state["optimizer_shard"], where)
+            else:
+                load_model_state(self.unwrapped, state["model"], self.lora, where)
+                self.optimizer.load_state_dict(state["optimizer"])
             self.forget.load_state_dict(state["forget_objective"])
             self.retain.load_state_dict(state["retain_objective"])
-            self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.loss_scale.load_state_dict(state["loss_scale"])
             self.forget_stream.position = int(state["forget_position"])
