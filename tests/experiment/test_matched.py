@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from retainfirst.config import load_config, plan_runs
+from retainfirst.config import plan_runs
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.results import EvalResult
 from retainfirst.evals.tasks import EvalTask, Headline, register_task, unregister_task
@@ -94,7 +94,7 @@ def test_evidence_settings_defaults_fields_and_errors(tiny_config):
     with pytest.raises(RetainFirstError, match=r"seeds=\[1, 1\] must be distinct"):
         EvidenceSettings.from_config(bad)
     bad = SimpleNamespace(eval=SimpleNamespace(), stop=SimpleNamespace(forget_below=-0.1))
-    with pytest.raises(RetainFirstError, match="stop.forget_below=-0.1 must be a number >= 0"):
+    with pytest.raises(RetainFirstError, match=r"stop\.forget_below=-0\.1 must be a number >= 0"):
         EvidenceSettings.from_config(bad)
 
 

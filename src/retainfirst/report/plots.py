@@ -187,9 +187,7 @@ def plot_matched(
 
     for curve, color in colors.items():
         mine = [
-            p
-            for p in points
-            if p["curve"] == curve and _finite(p["forget"]["mean"], p["utility"]["mean"])
+            p for p in points if p["curve"] == curve and _finite(p["forget"]["mean"], p["utility"]["mean"])
         ]
         mine.sort(key=lambda p: p["forget"]["mean"])
         if len(mine) > 1:
