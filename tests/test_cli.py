@@ -154,7 +154,7 @@ def tiny_facts_setup(tiny_setup, tmp_path):
 
 
 OUTPUTS = ["config.yaml", "metrics.jsonl", "results.json", "summary.md", "status.json"]
-PLOTS = ["pareto.png", "training_curves.png", "cos_vs_recovery.png"]
+PLOTS = ["pareto.png", "training_curves.png", "cos_vs_recovery.png", "matched.png"]
 
 
 def test_run_end_to_end_and_resume(tiny_setup, tmp_path, capsys, monkeypatch):
@@ -256,13 +256,17 @@ def test_sweep_grid_families_and_verdict(tiny_facts_setup, tmp_path, capsys):
     assert names == ["sum-alpha0.5", "sum-alpha1", "sago-alpha0.5", "sago-alpha1"]
     assert {r["family"] for r in results["runs"]} == {"sum", "sago"}
     assert results["runs"][0]["settings"] == {"alpha": 0.5}
-    assert "Hypervolume" in results["comparison"]["verdict"]
+    assert "hypervolumes" not in results["comparison"]  # replaced by utility at matched forgetting
+    assert "matched forgetting" in results["comparison"]["verdict"]
+    assert [p["curve"] for p in results["matched"]["configurations"]] == ["sum (alpha grid)"] * 2 + [
+        "sago (alpha grid)"
+    ] * 2
     assert set(results["comparison"]["fronts"]) == {"sum", "sago"}
     assert all(0.0 <= r["forget_score"] <= 1.0 for r in results["runs"])
     assert {"forget", "neighbor", "mmlu"} <= set(results["before"]["metrics"])
     assert (out / "benchmark.json").is_file()
     summary = (out / "summary.md").read_text()
-    assert "## Which family's front dominates?" in summary and "| sago-alpha1 |" in summary
+    assert "## Verdict" in summary and "| sago-alpha1 |" in summary
     for name in PLOTS:
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert json.loads((out / "status.json").read_text())["grid"] == ["synthesizer=sum,sago", "alpha=0.5,1"]

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,11 @@ class UnlearnResult:
     steps_done: int
     metrics_path: Path
     final_checkpoint: Path | None
+    stopped_early: bool = False  # a callback asked to stop before config.steps
+
+
+# callback(step, model) -> metrics to log under ``eval/`` (``{"stop": True}`` ends training), or None
+StepCallback = Callable[[int, nn.Module], dict[str, Any] | None]
 
 
 def unlearn(
@@ -84,16 +89,27 @@ def unlearn(
     out_dir: str | Path,
     resume: bool = False,
     accelerator: Any = None,
+    *,
+    callback: StepCallback | None = None,
+    eval_every: int = 0,
 ) -> UnlearnResult:
-    """Run ``config.steps`` unlearning steps on ``model``; see the module docstring for one step."""
+    """Run ``config.steps`` unlearning steps on ``model``; see the module docstring for one step.
+
+    ``callback(step, model)`` runs on the main process after every ``eval_every``-th step (0: only
+    after the last one) with the unwrapped model; its dict is logged in that step's metrics line
+    under ``eval/<key>``, and ``{"stop": True}`` ends training after that step (checkpoint and final
+    model saved as usual; a resumed stopped run trains no further).
+    """
     unlearner = Unlearner(
         model, tokenizer, forget_examples, retain_examples, config, out_dir, resume, accelerator
     )
-    return unlearner.run()
+    return unlearner.run(callback=callback, eval_every=eval_every)
 
 
 class Unlearner:
     """One unlearning run: everything is built and checked in ``__init__``, :meth:`run` trains."""
+
+    stopped: bool = False  # set when a step callback asked to stop; kept in the checkpoint state
 
     def __init__(
         self,
@@ -242,6 +258,7 @@ class Unlearner:
             "retain_objective": self.retain.state_dict(),
             "num_processes": self.world,
             "config": self.cfg.to_dict(),
+            "stopped": self.stopped,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path | None = None) -> None:
@@ -267,6 +284,7 @@ class Unlearner:
             self.forget_stream.position = int(state["forget_position"])
             self.retain_stream.position = int(state["retain_position"])
             self.step = int(state["step"])
+            self.stopped = bool(state.get("stopped", False))
             set_rng_state(state["rng"])  # last, so nothing above consumes the restored streams
         except RetainFirstError:
             raise
@@ -388,9 +406,45 @@ class Unlearner:
         return record
 
     # ---- the run ---------------------------------------------------------------------------------
-    def run(self) -> UnlearnResult:
-        """Train until ``config.steps``, logging every step and checkpointing when due."""
+    def call_back(self, callback: StepCallback | None, eval_every: int, record: dict[str, Any]) -> bool:
+        """Run ``callback`` when this step is due (main process), merge its numbers into ``record``
+        as ``eval/<key>`` and set :attr:`stopped` on every rank when it says stop; True when it ran.
+
+        The RNG streams and the train/eval mode are restored afterwards, so evaluating does not
+        change the training trajectory.
+        """
+        step, acc = self.step, self.accelerator
+        if callback is None or not (step == self.cfg.steps or (eval_every and step % eval_every == 0)):
+            return False
+        stop = False
+        if acc.is_main_process:
+            saved_rng, was_training = rng_state(), self.unwrapped.training
+            try:
+                numbers = dict(callback(step, self.unwrapped) or {})
+            finally:
+                set_rng_state(saved_rng)
+                self.unwrapped.train(was_training)
+            stop = bool(numbers.pop("stop", False))
+            record.update({f"eval/{key}": value for key, value in numbers.items()})
+        if self.world > 1:
+            from accelerate.utils import broadcast
+
+            stop = bool(broadcast(torch.tensor([int(stop)], device=acc.device), from_process=0).item())
+        if stop:
+            self.stopped = record["stopped"] = True
+        return True
+
+    def run(self, callback: StepCallback | None = None, eval_every: int = 0) -> UnlearnResult:
+        """Train until ``config.steps`` (or a callback's stop), logging every step and checkpointing
+        when due; ``callback`` / ``eval_every``: see :func:`unlearn`."""
         cfg, acc = self.cfg, self.accelerator
+        if callback is not None and self.is_fsdp:
+            raise RetainFirstError(
+                "evaluation during training is not supported under FSDP (the model is sharded); "
+                "set eval.eval_every: 0"
+            )
+        if eval_every < 0:
+            raise RetainFirstError(f"eval_every={eval_every} must be >= 0 (0: evaluate after the last step)")
         metrics_path = self.out_dir / "metrics.jsonl"
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -411,16 +465,18 @@ class Unlearner:
             dynamic_ncols=True,
         )
         try:
-            while self.step < cfg.steps:
+            while self.step < cfg.steps and not self.stopped:
                 record = self.optimizer_step()
                 step = self.step
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                evaluated = self.call_back(callback, eval_every, record)
+                if evaluated or step % cfg.log_every == 0 or step == cfg.steps:
                     metrics.write(record)
                 progress.update(1)
                 progress.set_postfix(
                     forget=f"{record['forget_loss']:.4g}", retain=f"{record['retain_loss']:.4g}"
                 )
-                if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                last = step == cfg.steps or self.stopped
+                if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     final_checkpoint = checkpointer.save(step, self.state_dict())
         finally:
             progress.close()
@@ -431,7 +487,7 @@ class Unlearner:
             model = save_model(
                 model, self.tokenizer, self.out_dir / "model", merge_lora=cfg.merge_lora, accelerator=acc
             )
-        return UnlearnResult(model, self.step, metrics_path, final_checkpoint)
+        return UnlearnResult(model, self.step, metrics_path, final_checkpoint, self.stopped)
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -28,8 +28,9 @@ from retainfirst.config import RunConfig, SubRun, load_config, parse_grid, plan_
 from retainfirst.errors import RetainFirstError
 from retainfirst.evals.tasks import check_tasks
 from retainfirst.experiment.console import say
+from retainfirst.experiment.during_training import EvidenceSettings, forget_callback, with_seeds
 from retainfirst.experiment.prepare import evaluate, prepare
-from retainfirst.experiment.report import rerun_command, write_report
+from retainfirst.experiment.report import ITEMS_FILE, rerun_command, save_items, write_report
 from retainfirst.experiment.rundir import CONFIG_FILE, RunDir, default_out_dir
 from retainfirst.io import atomic_write_text
 
@@ -131,8 +132,10 @@ def run_experiment(
         raise RetainFirstError("run_experiment needs a config (or resume=True and an existing out_dir)")
     cfgmod.validate(config)
     check_tasks(config)
+    evidence = EvidenceSettings.from_config(config)
     out = Path(out_dir) if out_dir is not None else out_dir_of(config)
-    plan = plan_runs(config, parse_grid(grid_items))  # validates every sub-run before anything is written
+    # validates every sub-run before anything is written; each sub-run once per seed of `seeds`
+    plan = with_seeds(plan_runs(config, parse_grid(grid_items)), evidence.seeds)
     main = is_main_process()
     if not main:
         rundir = RunDir.follow(out, resume=resume)
@@ -145,7 +148,7 @@ def run_experiment(
                 raise RetainFirstError(
                     f"--resume: the grid differs from the saved one ({' '.join(saved_grid)})"
                 )
-            plan = plan_runs(config, parse_grid(saved_grid))
+            plan = with_seeds(plan_runs(config, parse_grid(saved_grid)), evidence.seeds)
             if main:
                 rundir.status["state"] = "running"
         elif main:
@@ -154,6 +157,7 @@ def run_experiment(
                 s.name: {"state": "pending", "family": s.family, "settings": s.settings} for s in plan
             }
         runner = _Runner(config, plan, rundir, title=f"{config.name}: {command}", sweep=sweep)
+        runner.evidence = evidence
         try:
             if not resume and main:
                 atomic_write_text(out / CONFIG_FILE, to_yaml(config))
@@ -199,6 +203,7 @@ class _Runner:
         self.title = title
         self.sweep = sweep
         self.started_training = False
+        self.evidence = EvidenceSettings()
 
     def execute(self) -> dict[str, Any]:
         from retainfirst import engine
@@ -224,6 +229,11 @@ class _Runner:
         del model
         if config.epochs is not None:
             self.plan = [with_epochs(sub, config.epochs, len(prep.forget_examples)) for sub in self.plan]
+        # In-run evaluation: built on every rank (the engine broadcasts the stop signal), run on the main one.
+        during: dict[str, Any] = {}
+        if self.evidence.evaluates_during_training:
+            callback = forget_callback(config, tokenizer, prep.tasks, prep.task_data, self.evidence)
+            during = {"callback": callback, "eval_every": self.evidence.every}
 
         for k, sub in enumerate(self.plan, 1):
             run_dir = out / "runs" / sub.name
@@ -245,10 +255,13 @@ class _Runner:
                 sub.train,
                 run_dir,
                 resume=resume,
+                **during,
             )
             if main:
                 after = evaluate(result.model, tokenizer, config, prep, sub.name)
                 extra = {"run": sub.name, "family": sub.family, "settings": sub.settings}
+                extra["stopped_early"] = bool(getattr(result, "stopped_early", False))
+                save_items(after, run_dir / ITEMS_FILE)
                 save_results(after, results_path, extra=extra)
                 if not config.keep_finished_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -263,6 +276,7 @@ class _Runner:
             before,
             title=self.title,
             rerun=rerun_command(out, self.sweep, rundir.status.get("grid", [])),
+            evidence=self.evidence,
         )
         rundir.status["state"] = "done"
         rundir.status.pop("error", None)

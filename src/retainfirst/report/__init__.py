@@ -9,7 +9,7 @@ from retainfirst.report.pareto import (
     hypervolume,
     pareto_front,
 )
-from retainfirst.report.plots import plot_cos_vs_recovery, plot_pareto, plot_training_curves
+from retainfirst.report.plots import plot_cos_vs_recovery, plot_matched, plot_pareto, plot_training_curves
 from retainfirst.report.scores import (
     RunSummary,
     forget_score,
@@ -39,6 +39,7 @@ __all__ = [
     "markdown_table",
     "pareto_front",
     "plot_cos_vs_recovery",
+    "plot_matched",
     "plot_pareto",
     "plot_training_curves",
     "recovery",

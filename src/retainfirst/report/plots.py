@@ -25,6 +25,7 @@ CURVE_METRICS: dict[str, str] = {
     "cos_forget_retain": "cos(g_f, g_r)",
     "cos_update_retain": "cos(update, g_r)",
     "conflict_fraction": "conflict fraction",
+    "eval/forget": "forget score (in-run evaluation)",
 }
 
 
@@ -160,5 +161,59 @@ def plot_cos_vs_recovery(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if colors:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_matched(
+    points: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    level: float | None = None,
+    title: str = "Utility vs forgetting (mean and CI over probes and seeds)",
+) -> Path:
+    """One point per configuration with its CI on both axes; configurations of one curve (e.g.
+    ``sum (alpha grid)``) joined by a line; hollow markers: did not reach the matched ``level``.
+
+    ``points``: dicts with ``label``, ``curve``, ``reached`` and ``forget`` / ``utility`` as
+    :meth:`~retainfirst.report.stats.Estimate.to_dict` (``mean``, ``low``, ``high``).
+    """
+    fig = Figure(figsize=(6.8, 4.8))
+    ax = fig.add_subplot()
+    colors = _colors(str(p["curve"]) for p in points)
+
+    def error(estimate: Mapping[str, Any]) -> list[list[float]]:
+        mean, low, high = estimate["mean"], estimate.get("low"), estimate.get("high")
+        return [[mean - low if _finite(low) else 0.0], [high - mean if _finite(high) else 0.0]]
+
+    for curve, color in colors.items():
+        mine = [
+            p for p in points if p["curve"] == curve and _finite(p["forget"]["mean"], p["utility"]["mean"])
+        ]
+        mine.sort(key=lambda p: p["forget"]["mean"])
+        if len(mine) > 1:
+            xs = [p["forget"]["mean"] for p in mine]
+            ax.plot(xs, [p["utility"]["mean"] for p in mine], color=color, alpha=0.5, linewidth=1)
+        for k, p in enumerate(mine):
+            x, y = p["forget"]["mean"], p["utility"]["mean"]
+            ax.errorbar(
+                x,
+                y,
+                xerr=error(p["forget"]),
+                yerr=error(p["utility"]),
+                fmt="o",
+                color=color,
+                markerfacecolor=color if p.get("reached", True) else "white",
+                capsize=3,
+                label=curve if k == 0 else None,
+                zorder=3,
+            )
+            ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if level is not None and _finite(level):
+        ax.axvline(level, color="grey", linestyle="--", label=f"matched level {level:.3g}")
+    ax.set_xlabel("forget score (lower = more forgotten)")
+    ax.set_ylabel("utility: mean recovery %")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     return _save(fig, path)
