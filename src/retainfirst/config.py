@@ -209,6 +209,24 @@ class EvalConfig(Settings):
     quantize_group_size: Annotated[Int, Field(ge=-1)] = 128  # columns per group; -1 = whole row
     quantize_embeddings: bool = False  # also round the embeddings (and a head tied to them)
     quantize_tasks: Annotated[list[str], CommaList] | None = None  # None = every forget/utility task
+    # Evaluation during training (forget tasks only, on the main process): every N steps; 0 = off, or
+    # every step when stop.forget_below is set. during_limit caps probes per forget set in those runs.
+    eval_every: NonNegativeInt = 0
+    during_limit: PositiveInt | None = None
+    # Statistics of the report: bootstrap over probes and seeds, paired tests against sum.
+    bootstrap_resamples: Annotated[Int, Field(ge=100)] = 2000
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    significance: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    bootstrap_seed: NonNegativeInt = 0
+
+
+class StopConfig(Settings):
+    """When a sub-run stops early: the in-run forget score reached ``forget_below`` (the matched level
+    every synthesizer is compared at); null = train all steps."""
+
+    error_root: ClassVar[str] = "stop"
+
+    forget_below: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
 class RunConfig(Settings):
@@ -232,6 +250,9 @@ class RunConfig(Settings):
     synthesizer_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # When set, train.steps = ceil(epochs x forget examples / global forget batch), computed at run time.
     epochs: PositiveFloat | None = None
+    # Each sub-run once per seed (train.seed), named <name>-s<seed>; null = once with train.seed.
+    seeds: Annotated[list[NonNegativeInt], CommaList] | None = None
+    stop: StopConfig = Field(default_factory=StopConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

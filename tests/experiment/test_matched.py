@@ -82,20 +82,14 @@ def test_seeds_multiply_the_sub_runs(tiny_config):
 
 def test_evidence_settings_defaults_fields_and_errors(tiny_config):
     assert EvidenceSettings.from_config(tiny_config()) == EvidenceSettings()
-    config = SimpleNamespace(
-        seeds=[0, 1, 2],
-        eval=SimpleNamespace(eval_every=0, during_limit=8),
-        stop=SimpleNamespace(forget_below=0.3),
-    )
+    config = tiny_config("seeds=[0,1,2]", "eval.eval_every=0", "eval.during_limit=8", "stop.forget_below=0.3")
     settings = EvidenceSettings.from_config(config)
     assert (settings.seeds, settings.every, settings.during_limit) == ([0, 1, 2], 1, 8)
     assert settings.evaluates_during_training
-    bad = SimpleNamespace(seeds=[1, 1], eval=SimpleNamespace(), stop=None)
     with pytest.raises(RetainFirstError, match=r"seeds=\[1, 1\] must be distinct"):
-        EvidenceSettings.from_config(bad)
-    bad = SimpleNamespace(eval=SimpleNamespace(), stop=SimpleNamespace(forget_below=-0.1))
-    with pytest.raises(RetainFirstError, match=r"stop\.forget_below=-0\.1 must be a number >= 0"):
-        EvidenceSettings.from_config(bad)
+        EvidenceSettings.from_config(tiny_config("seeds=[1,1]"))
+    with pytest.raises(RetainFirstError, match=r"stop\.forget_below=-0\.1 must be >= 0"):
+        tiny_config("stop.forget_below=-0.1")  # the config itself refuses it
 
 
 class NamedProbes(EvalTask):

@@ -31,7 +31,7 @@ def test_run_experiment_writes_the_report(tiny_config, tmp_path, capsys):
     for name in ("pareto.png", "training_curves.png", "cos_vs_recovery.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert (
-        "No forget score was measured (evaluate facts or rwku or wmdp_bio or wmdp_cyber"
+        "No forget score was measured (evaluate facts or muse or rwku or tofu or wmdp_bio or wmdp_cyber"
         in (result.report["comparison"]["verdict"])
     )
     assert "report written to" in capsys.readouterr().out

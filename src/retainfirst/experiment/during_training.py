@@ -55,17 +55,16 @@ class EvidenceSettings:
     @classmethod
     def from_config(cls, config: RunConfig) -> EvidenceSettings:
         """Read the fields (see the module docstring); a bad value is a one-line RetainFirstError."""
-        ev, stop = config.eval, getattr(config, "stop", None)
-        seeds = getattr(config, "seeds", None)
+        ev = config.eval
         settings = cls(
-            seeds=None if seeds is None else [int(s) for s in seeds],
-            eval_every=int(getattr(ev, "eval_every", None) or 0),
-            during_limit=getattr(ev, "during_limit", None),
-            forget_below=getattr(stop, "forget_below", None) if stop is not None else None,
-            resamples=int(getattr(ev, "bootstrap_resamples", 2000)),
-            confidence=float(getattr(ev, "confidence", 0.95)),
-            significance=float(getattr(ev, "significance", 0.05)),
-            bootstrap_seed=int(getattr(ev, "bootstrap_seed", 0)),
+            seeds=None if config.seeds is None else list(config.seeds),
+            eval_every=ev.eval_every,
+            during_limit=ev.during_limit,
+            forget_below=config.stop.forget_below,
+            resamples=ev.bootstrap_resamples,
+            confidence=ev.confidence,
+            significance=ev.significance,
+            bootstrap_seed=ev.bootstrap_seed,
         )
         settings.check()
         return settings
