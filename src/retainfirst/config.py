@@ -147,6 +147,12 @@ class DataConfig(Settings):
     tofu_template: Literal["llama2", "qa"] = "llama2"
     max_length: Annotated[Int, Field(ge=2)] = 64  # tokens per example (documents are packed into chunks)
     pack: bool = True
+    # The released code's corpus formatting (docs/reproduction.md): each JSONL line read as raw text
+    # (JSON syntax included), documents joined by a blank line (eos: each followed by eos), and a BOS
+    # token starting every packed chunk.
+    jsonl_as_raw_text: bool = False
+    join_documents: Literal["eos", "blank_line"] = "eos"
+    bos_per_chunk: bool = False
     max_forget_examples: PositiveInt | None = None  # cap after tokenization (None = all)
     max_retain_examples: PositiveInt | None = None
 
