@@ -471,7 +471,7 @@ class SubRun(Settings):
 
     ``family`` is the synthesizer, or ``forget_only`` when the retain loss is ``none`` (without a
     retain gradient every synthesizer gives the same update). ``reproduces`` names the released
-    config file of the paper's code this sub-run reproduces (configs/official_runs.yaml), and
+    config file of the paper's code this sub-run reproduces (configs/reference/official_runs.yaml), and
     ``epochs`` (when set) replaces ``train.steps`` at run time.
     """
 
