@@ -4,7 +4,7 @@
 
 1. :meth:`Unlearner.micro_step`: forward+backward of the forget loss, then move those gradients
    into a stash (the forget graph is freed before the retain forward runs); forward+backward of
-   the retain loss (accumulating in ``param.grad``). ``accelerator.backward`` divides the losses by
+   the retain loss (accumulating in ``param.grad``; skipped entirely for ``retain_loss: none``). ``accelerator.backward`` divides the losses by
    the accumulation steps, so the gradients are means.
 2. :meth:`Unlearner.apply_update` at the accumulation boundary: average both gradient lists over
    processes, synthesize the update from (forget, retain), write it into ``param.grad``, clip,
