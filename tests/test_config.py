@@ -294,7 +294,10 @@ def test_recipes_are_shipped():
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     runs = plan_runs(cfg)
-    assert [r.family for r in runs] == (cfg.synthesizers or [cfg.train.synthesizer])
+    if cfg.runs:  # the explicit form: one sub-run per entry, in order
+        assert [r.name for r in runs] == list(cfg.runs) and cfg.synthesizers == []
+    else:
+        assert [r.family for r in runs] == (cfg.synthesizers or [cfg.train.synthesizer])
     assert cfg.name == path.stem
     # the resolved config round-trips
     assert to_dict(load_config(path)) == to_dict(cfg)
@@ -311,9 +314,9 @@ def test_paper_hyperparameters_in_recipes():
     assert simnpo_bio["sago"].steps == 150 and simnpo_bio["pcgrad"].steps == 100
     assert simnpo_bio["sago"].forget_kwargs == {"beta": 0.02, "delta": 0.1}
     assert (simnpo_bio["sago"].alpha, simnpo_bio["sago"].gamma) == (0.1, 1.0)
-    npo_cyber = by_name["wmdp_cyber_zephyr_npo"].train
+    npo_cyber = {r.name: r.train for r in plan_runs(by_name["wmdp_cyber_zephyr_npo"])}["sago"]
     assert (npo_cyber.steps, npo_cyber.forget_kwargs["beta"], npo_cyber.alpha) == (300, 1e-3, 0.1)
-    rmu = by_name["wmdp_bio_zephyr_rmu"]
+    rmu = by_name["wmdp_bio_zephyr_rmu_wmdp_repo"]
     assert rmu.train.lr == pytest.approx(5e-5) and rmu.train.retain_kwargs["coefficient"] == 1200
     for cfg in by_name.values():
         if cfg.name != "demo":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -69,7 +70,21 @@ def _start(
 
 def cmd_run(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
+    if args.plan:
+        return _print_plan(args, config_path, overrides)
     return _start(args, False, config_path, overrides, [])
+
+
+def _print_plan(args: argparse.Namespace, config_path: str | None, overrides: list[str]) -> int:
+    """``run --plan``: the resolved sub-runs as JSON on stdout; no model, data or directory is touched."""
+    from retainfirst.experiment import plan_summary
+    from retainfirst.io import json_safe
+
+    if args.resume:
+        raise RetainFirstError("--plan prints the plan of a config; drop --resume (or --plan)")
+    plan = plan_summary(load_config(config_path, overrides))
+    print(json.dumps(json_safe(plan), indent=2))
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -143,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         "items", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="config file and overrides"
     )
     add_out(run)
+    run.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the resolved sub-runs as JSON (name, reproduces, full training config) and exit; "
+        "loads no model or data",
+    )
     run.set_defaults(handler=cmd_run)
 
     sweep = sub.add_parser(

@@ -147,6 +147,12 @@ class DataConfig(Settings):
     tofu_template: Literal["llama2", "qa"] = "llama2"
     max_length: Annotated[Int, Field(ge=2)] = 64  # tokens per example (documents are packed into chunks)
     pack: bool = True
+    # The released code's corpus formatting (docs/reproduction.md): each JSONL line read as raw text
+    # (JSON syntax included), documents joined by a blank line (eos: each followed by eos), and a BOS
+    # token starting every packed chunk.
+    jsonl_as_raw_text: bool = False
+    join_documents: Literal["eos", "blank_line"] = "eos"
+    bos_per_chunk: bool = False
     max_forget_examples: PositiveInt | None = None  # cap after tokenization (None = all)
     max_retain_examples: PositiveInt | None = None
 
@@ -248,6 +254,10 @@ class RunConfig(Settings):
     keep_finished_checkpoints: bool = False
     # Training settings that differ per synthesizer, e.g. {pcgrad: {steps: 100, lr: 3e-6}}.
     synthesizer_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Explicit sub-runs instead of ``synthesizers`` (the two forms exclude each other):
+    # {name: {synthesizer: sago, reproduces: wmdp/X.yaml, epochs: 2, <any train field>: ...}}.
+    # Precedence: train < runs[name] < sweep grid value.
+    runs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # When set, train.steps = ceil(epochs x forget examples / global forget batch), computed at run time.
     epochs: PositiveFloat | None = None
     # Each sub-run once per seed (train.seed), named <name>-s<seed>; null = once with train.seed.
@@ -256,6 +266,26 @@ class RunConfig(Settings):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form_of_sub_runs(cls, data: Any) -> Any:
+        """``runs`` replaces ``synthesizers`` (whose default list then becomes [])."""
+        if not isinstance(data, Mapping) or not data.get("runs"):
+            return data
+        if data.get("synthesizers"):
+            raise ValueError("give the sub-runs either as runs or as synthesizers, not both")
+        if data.get("synthesizer_overrides"):
+            raise ValueError("synthesizer_overrides does not apply to runs; put the settings in runs.<name>")
+        return {**data, "synthesizers": []}
+
+    @field_validator("runs")
+    @classmethod
+    def _run_names(cls, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in runs:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(f"name {name!r} must be letters, digits, '.', '_' or '-' (a folder name)")
+        return runs
 
     @field_validator("synthesizers")
     @classmethod
@@ -458,12 +488,29 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 class SubRun(Settings):
-    """One training run of a directory: its name (folder), family (synthesizer) and settings."""
+    """One training run of a directory: its name (folder), family (synthesizer) and settings.
+
+    ``family`` is the synthesizer, or ``forget_only`` when the retain loss is ``none`` (without a
+    retain gradient every synthesizer gives the same update). ``reproduces`` names the released
+    config file of the paper's code this sub-run reproduces (configs/reference/official_runs.yaml), and
+    ``epochs`` (when set) replaces ``train.steps`` at run time.
+    """
 
     name: str
     family: str
     train: TrainConfig
     settings: dict[str, Any] = Field(default_factory=dict)  # the grid values that distinguish it
+    reproduces: str | None = None
+    epochs: PositiveFloat | None = None
+
+
+# Keys of a ``runs`` entry that are not training settings.
+RUN_KEYS = ("reproduces", "epochs")
+FORGET_ONLY_FAMILY = "forget_only"
+
+
+def _family(train: TrainConfig) -> str:
+    return FORGET_ONLY_FAMILY if train.retain_loss == "none" else train.synthesizer
 
 
 Grid = list[tuple[list[str], list[Any]]]  # (dotted path starting with "train", values)
@@ -516,12 +563,82 @@ def _patch_train(data: dict[str, Any], patch: Mapping[str, Any], path: str) -> N
         data[key] = copy.deepcopy(patch[key])
 
 
+def _train_with(
+    base: dict[str, Any], patch: Mapping[str, Any], where: str, axes: Grid, combo: Sequence[Any], root: str
+) -> TrainConfig:
+    """``base`` <- ``patch`` (a runs entry or synthesizer override) <- one combination of the grid;
+    ``where`` names the patch and ``root`` the built config in error messages."""
+    data = copy.deepcopy(base)
+    _patch_train(data, patch, where)
+    top = {parts[1]: value for (parts, _), value in zip(axes, combo, strict=True) if len(parts) == 2}
+    _patch_train(data, top, "train")
+    for (parts, _), value in zip(axes, combo, strict=True):
+        if len(parts) > 2:  # inside an option mapping: train.forget_kwargs.beta
+            set_path(TrainConfig, data, parts[1:], value, ".".join(parts))
+    return build(TrainConfig, data, root)
+
+
+def _run_entry(name: str, entry: Any, default_epochs: float | None) -> tuple[dict[str, Any], str | None, Any]:
+    """A ``runs`` entry split into (train patch, reproduces, epochs), each checked."""
+    where = f"runs.{name}"
+    if not isinstance(entry, Mapping):
+        raise RetainFirstError(
+            f"config: {where} must be a mapping of train settings, got {type(entry).__name__}"
+        )
+    reproduces = entry.get("reproduces")
+    if reproduces is not None and not (isinstance(reproduces, str) and reproduces.strip()):
+        raise RetainFirstError(
+            f"config: {where}.reproduces must be a config file name such as wmdp/NPO_bio.yaml"
+        )
+    epochs = entry.get("epochs", default_epochs)
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int | float) or epochs <= 0
+    ):
+        raise RetainFirstError(f"config: {where}.epochs={epochs!r} must be a number > 0 (or null)")
+    return {k: v for k, v in entry.items() if k not in RUN_KEYS}, reproduces, epochs
+
+
+def _plan_explicit(config: RunConfig, axes: Grid) -> list[SubRun]:
+    """Sub-runs of the ``runs`` form: each entry, times the grid (names: entry name + grid values)."""
+    base = to_dict(config.train)
+    runs: list[SubRun] = []
+    names: set[str] = set()
+    for run_name, entry in config.runs.items():
+        patch, reproduces, epochs = _run_entry(run_name, entry, config.epochs)
+        for combo in itertools.product(*(values for _, values in axes)):
+            where = f"runs.{run_name}"
+            train = _train_with(base, patch, where, axes, combo, where)
+            settings = {
+                ".".join(parts[1:]): value
+                for (parts, values), value in zip(axes, combo, strict=True)
+                if len(values) > 1
+            }
+            name = "-".join([run_name, *(f"{k.split('.')[-1]}{_label(v)}" for k, v in settings.items())])
+            while name in names:
+                name += "_"
+            names.add(name)
+            runs.append(
+                SubRun(
+                    name=name,
+                    family=_family(train),
+                    train=train,
+                    settings=settings,
+                    reproduces=reproduces,
+                    epochs=epochs,
+                )
+            )
+    return runs
+
+
 def plan_runs(config: RunConfig, grid: Grid = ()) -> list[SubRun]:
-    """Sub-runs of a config: one per synthesizer (with its ``synthesizer_overrides``), times the grid.
+    """Sub-runs of a config, times the grid: one per ``runs`` entry, else one per synthesizer.
 
     Each sub-run's TrainConfig is built and validated here, so a bad grid value fails before
-    anything runs. Precedence: ``train`` < ``synthesizer_overrides[name]`` < grid value.
+    anything runs. Precedence: ``train`` < ``runs[name]`` (or ``synthesizer_overrides[synthesizer]``)
+    < grid value.
     """
+    if config.runs:
+        return _plan_explicit(config, list(grid))
     axes: Grid = list(grid)
     if not any(parts == ["train", "synthesizer"] for parts, _ in axes):
         axes.insert(0, (["train", "synthesizer"], list(config.synthesizers or [config.train.synthesizer])))
@@ -531,14 +648,8 @@ def plan_runs(config: RunConfig, grid: Grid = ()) -> list[SubRun]:
     for combo in itertools.product(*(values for _, values in axes)):
         chosen = dict(zip((".".join(parts[1:]) for parts, _ in axes), combo, strict=True))
         family = chosen["synthesizer"]
-        data = copy.deepcopy(base)
-        _patch_train(data, config.synthesizer_overrides.get(family, {}), f"synthesizer_overrides.{family}")
-        top = {parts[1]: value for (parts, _), value in zip(axes, combo, strict=True) if len(parts) == 2}
-        _patch_train(data, top, "train")
-        for (parts, _), value in zip(axes, combo, strict=True):
-            if len(parts) > 2:  # inside an option mapping: train.forget_kwargs.beta
-                set_path(TrainConfig, data, parts[1:], value, ".".join(parts))
-        train = build(TrainConfig, data, "train")
+        overrides = config.synthesizer_overrides.get(family, {})
+        train = _train_with(base, overrides, f"synthesizer_overrides.{family}", axes, combo, "train")
         settings = {
             key: value
             for (parts, values), (key, value) in zip(axes, chosen.items(), strict=True)
@@ -550,5 +661,7 @@ def plan_runs(config: RunConfig, grid: Grid = ()) -> list[SubRun]:
         while name in names:
             name += "_"
         names.add(name)
-        runs.append(SubRun(name=name, family=train.synthesizer, train=train, settings=settings))
+        runs.append(
+            SubRun(name=name, family=_family(train), train=train, settings=settings, epochs=config.epochs)
+        )
     return runs

@@ -21,7 +21,7 @@ from retainfirst.objectives import (
 
 def test_available_objectives():
     assert available_forget_objectives() == ["ga", "npo", "rmu", "simnpo"]
-    assert available_retain_objectives() == ["embed_diff", "kl", "nll"]
+    assert available_retain_objectives() == ["embed_diff", "kl", "nll", "none"]
 
 
 def test_flags_defaults_and_names():

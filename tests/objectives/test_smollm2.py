@@ -32,6 +32,8 @@ def test_all_objectives_with_defaults_on_smollm2(smollm2):
     ):
         for name in names:
             objective = factory(name)
+            if objective.skips_pass:  # retain 'none' has no loss: the engine skips its pass
+                continue
             objective.setup(model, seed=0)
             loss = objective.loss(model, batch, reference if objective.needs_reference else None)
             assert loss.dim() == 0 and loss.requires_grad and torch.isfinite(loss), (kind, name)

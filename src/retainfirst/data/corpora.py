@@ -306,6 +306,25 @@ def _example(ids: Sequence[int], loss_mask: Sequence[int] | None = None) -> Exam
     return example
 
 
+def read_raw_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a local file, verbatim (a JSONL line keeps its JSON syntax).
+
+    This is how the paper's released code reads the WMDP corpora (``data.jsonl_as_raw_text``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        if path.suffix or str(path).startswith((".", "/")):
+            _raise_unreadable(path)
+        raise RetainFirstError(f"{path}: data.jsonl_as_raw_text reads local files only, not hub ids")
+    lines = [line.rstrip("\r") for line in _data_text(path).split("\n") if line.strip()]
+    if not lines:
+        raise RetainFirstError(f"{path}: file is empty")
+    return lines
+
+
+JOIN_MODES = ("eos", "blank_line")
+
+
 def tokenize_texts(
     texts: Sequence[str],
     tokenizer,
@@ -314,6 +333,8 @@ def tokenize_texts(
     add_eos: bool = True,
     *,
     keep_tail: bool = False,
+    join: str = "eos",
+    bos_per_chunk: bool = False,
 ) -> list[Example]:
     """Tokenise documents into examples (dicts of 1-D LongTensors ``input_ids``, ``attention_mask``).
 
@@ -321,6 +342,11 @@ def tokenize_texts(
     stream into ``max_length`` chunks; the short tail is dropped unless it is the only chunk or
     ``keep_tail``. ``pack=False``: one example per document, truncated to ``max_length``. The
     tokenizer's own special tokens (e.g. a Llama BOS) are kept at the start of each document.
+
+    The released code of the paper packs differently, selected by two switches (``pack=True`` only):
+    ``join="blank_line"`` joins the documents with a blank line into one text (no eos, no per-document
+    special tokens) before tokenizing, and ``bos_per_chunk=True`` starts every chunk with the BOS
+    token followed by ``max_length - 1`` stream tokens (the stream then carries no special tokens).
     """
     if isinstance(texts, str):
         raise RetainFirstError("tokenize_texts expects a list of documents, got a single string")
@@ -328,20 +354,29 @@ def tokenize_texts(
         raise RetainFirstError(f"max_length must be >= 1, got {max_length}")
     if not texts:
         raise RetainFirstError("tokenize_texts got no documents")
+    if join not in JOIN_MODES:
+        raise RetainFirstError(f"join={join!r} is not valid; choose one of {', '.join(JOIN_MODES)}")
+    bos = tokenizer.bos_token_id
+    if bos_per_chunk and (bos is None or max_length < 2):
+        raise RetainFirstError("bos_per_chunk needs a tokenizer with a bos token and max_length >= 2")
     eos = tokenizer.eos_token_id
-    if add_eos and eos is None:
-        raise RetainFirstError("add_eos=True but the tokenizer has no eos token; pass add_eos=False")
-    documents = _encode(tokenizer, texts)
-    if add_eos:
-        documents = [[*ids, eos] for ids in documents]
-    if not pack:
-        return [_example(ids[:max_length]) for ids in documents if ids]
-    stream = [token for ids in documents for token in ids]
-    chunks = [stream[start : start + max_length] for start in range(0, len(stream), max_length)]
-    if len(chunks) > 1 and len(chunks[-1]) < max_length and not keep_tail:
+    if join == "blank_line" and pack:
+        stream = _encode(tokenizer, ["\n\n".join(texts)], add_special_tokens=False)[0]
+    else:
+        if add_eos and eos is None:
+            raise RetainFirstError("add_eos=True but the tokenizer has no eos token; pass add_eos=False")
+        documents = _encode(tokenizer, texts, add_special_tokens=not (pack and bos_per_chunk))
+        if add_eos:
+            documents = [[*ids, eos] for ids in documents]
+        if not pack:
+            return [_example(ids[:max_length]) for ids in documents if ids]
+        stream = [token for ids in documents for token in ids]
+    size = max_length - 1 if bos_per_chunk else max_length
+    chunks = [stream[start : start + size] for start in range(0, len(stream), size)]
+    if len(chunks) > 1 and len(chunks[-1]) < size and not keep_tail:
         logger.debug("dropped a short tail of %d tokens", len(chunks[-1]))
         chunks.pop()
-    return [_example(chunk) for chunk in chunks if chunk]
+    return [_example([bos, *chunk] if bos_per_chunk else chunk) for chunk in chunks if chunk]
 
 
 def tokenize_pairs(

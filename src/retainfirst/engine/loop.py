@@ -4,8 +4,8 @@
 
 1. :meth:`Unlearner.micro_step`: forward+backward of the forget loss, then move those gradients
    into a stash (the forget graph is freed before the retain forward runs); forward+backward of
-   the retain loss (accumulating in ``param.grad``). ``accelerator.backward`` divides the losses by
-   the accumulation steps, so the gradients are means.
+   the retain loss (accumulating in ``param.grad``; skipped entirely for ``retain_loss: none``).
+   ``accelerator.backward`` divides the losses by the accumulation steps, so the gradients are means.
 2. :meth:`Unlearner.apply_update` at the accumulation boundary: average both gradient lists over
    processes, synthesize the update from (forget, retain), write it into ``param.grad``, clip,
    optimizer step, LR schedule step.
@@ -64,6 +64,8 @@ from retainfirst.engine.model_setup import apply_lora, enable_gradient_checkpoin
 from retainfirst.engine.optim import Float32AdamW
 from retainfirst.errors import NonFiniteError, RetainFirstError
 
+# Synthesis stats that stay meaningful without a retain gradient (retain_loss none).
+FORGET_ONLY_STATS = ("norm_forget", "norm_update", "cos_update_forget")
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
@@ -311,7 +313,8 @@ class Unlearner:
         """Forget pass into the stash, then retain pass into ``param.grad``; returns both losses."""
         cfg, acc = self.cfg, self.accelerator
         forget_batch = self.next_batch(self.forget_stream, self.forget_examples, cfg.forget_batch_size)
-        retain_batch = self.next_batch(self.retain_stream, self.retain_examples, cfg.retain_batch_size)
+        if not self.retain.skips_pass:
+            retain_batch = self.next_batch(self.retain_stream, self.retain_examples, cfg.retain_batch_size)
 
         retain_grads_so_far = take_grads(self.params)
         with self.grad_sync_off():
@@ -320,6 +323,8 @@ class Unlearner:
             acc.backward(forget_loss)
         self.forget_grads = accumulate(self.forget_grads, take_grads(self.params))
         put_grads(self.params, retain_grads_so_far)
+        if self.retain.skips_pass:  # retain_loss none: no retain forward/backward, g_r stays None (zero)
+            return torch.stack([forget_loss.detach().float(), forget_loss.new_tensor(math.nan).float()])
 
         with self.grad_sync_off():
             with acc.autocast():
@@ -334,7 +339,7 @@ class Unlearner:
         losses = acc.reduce(mean_losses, reduction="mean") if self.world > 1 else mean_losses
         forget_loss, retain_loss = losses.tolist()
         for which, value in (("forget", forget_loss), ("retain", retain_loss)):
-            if not math.isfinite(value):
+            if not math.isfinite(value) and not (which == "retain" and self.retain.skips_pass):
                 raise NonFiniteError(
                     f"step {step}: the {which} loss is {value}; stopped without applying the step "
                     "(the last good checkpoint is kept); lower lr or check the data"
@@ -379,6 +384,8 @@ class Unlearner:
         for p in self.params:
             p.grad = None
         self.step = step
+        if self.retain.skips_pass:  # stats that need g_r do not exist: NaN here, null in metrics.jsonl
+            stats = {k: v if k in FORGET_ONLY_STATS else math.nan for k, v in stats.items()}
 
         record = {
             "step": step,

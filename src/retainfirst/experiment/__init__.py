@@ -10,7 +10,7 @@ results = evaluate_model(config, "runs/eval")        # -> list[EvalResult], writ
 from retainfirst.experiment.evaluate import evaluate_model
 from retainfirst.experiment.prepare import Prepared, evaluate, prepare
 from retainfirst.experiment.rundir import RunDir
-from retainfirst.experiment.runner import ExperimentResult, resume_config, run_experiment
+from retainfirst.experiment.runner import ExperimentResult, plan_summary, resume_config, run_experiment
 
 __all__ = [
     "ExperimentResult",
@@ -18,6 +18,7 @@ __all__ = [
     "RunDir",
     "evaluate",
     "evaluate_model",
+    "plan_summary",
     "prepare",
     "resume_config",
     "run_experiment",

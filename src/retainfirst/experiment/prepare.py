@@ -82,6 +82,12 @@ def training_texts(context: TaskContext) -> tuple[list[str], list[str]]:
     if data.source == "facts":
         bench = context.source("facts")
         forget, retain = list(bench.forget_corpus), list(bench.retain_corpus)
+    elif data.source == "corpus" and data.jsonl_as_raw_text:
+        from retainfirst.data.corpora import read_raw_lines
+
+        forget, retain = (
+            read_raw_lines(context.data_path(name or "")) for name in (data.forget, data.retain)
+        )
     elif data.source == "corpus":
         forget, retain = context.load_texts(data.forget), context.load_texts(data.retain)
     else:
@@ -154,7 +160,12 @@ def prepare(
             forget_examples, retain_examples = tofu_examples(context, tokenizer)
         else:
             context.forget_texts, context.retain_texts = training_texts(context)
-            chunk = {"max_length": data.max_length, "pack": data.pack}
+            chunk = {
+                "max_length": data.max_length,
+                "pack": data.pack,
+                "join": data.join_documents,
+                "bos_per_chunk": data.bos_per_chunk,
+            }
             forget_examples = tokenize_texts(context.forget_texts, tokenizer, **chunk)
             retain_examples = tokenize_texts(context.retain_texts, tokenizer, **chunk)
         prep.forget_examples = forget_examples[: data.max_forget_examples]

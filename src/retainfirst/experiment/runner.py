@@ -172,6 +172,27 @@ def run_experiment(
     return ExperimentResult(out, list(report.get("runs", [])), report, dict(rundir.status))
 
 
+def plan_summary(config: RunConfig, grid: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The resolved sub-runs of ``config`` as plain data (``retainfirst run CONFIG --plan``): name,
+    synthesizer, family, released config reproduced, epochs and the full TrainConfig. Loads nothing.
+
+    With ``epochs`` set, ``train.steps`` is a placeholder: the steps are computed at run time from
+    the number of forget examples (ceil(epochs x examples / global forget batch)).
+    """
+    return [
+        {
+            "name": sub.name,
+            "synthesizer": sub.train.synthesizer,
+            "family": sub.family,
+            "reproduces": sub.reproduces,
+            "epochs": sub.epochs,
+            "settings": sub.settings,
+            "train": to_dict(sub.train),
+        }
+        for sub in with_seeds(plan_runs(config, parse_grid(grid)), config.seeds)
+    ]
+
+
 def _running_entry(rundir: RunDir) -> str | None:
     for name, entry in rundir.status.get("runs", {}).items():
         if entry.get("state") == "running":
@@ -227,8 +248,10 @@ class _Runner:
         elif main:
             before = load_results(before_path)
         del model
-        if config.epochs is not None:
-            self.plan = [with_epochs(sub, config.epochs, len(prep.forget_examples)) for sub in self.plan]
+        self.plan = [
+            with_epochs(sub, sub.epochs, len(prep.forget_examples)) if sub.epochs is not None else sub
+            for sub in self.plan
+        ]
         # In-run evaluation: built on every rank (the engine broadcasts the stop signal), run on the main one.
         during: dict[str, Any] = {}
         if self.evidence.evaluates_during_training:

@@ -1,7 +1,7 @@
 """Forget and retain losses, independent of each other: each maps ``(model, batch, reference)`` to a scalar.
 
 forget = get_forget_objective("simnpo", beta=2.5, delta=0.0)   # ga | npo | simnpo | rmu
-retain = get_retain_objective("nll")                           # nll | kl | embed_diff
+retain = get_retain_objective("nll")                           # nll | kl | embed_diff | none
 # options: a pydantic model per objective (SimNPO.Options); other packages add objectives through
 # the ``retainfirst.objectives`` entry-point group, the class saying kind = "forget" or "retain".
 reference = make_reference(model) if forget.needs_reference or retain.needs_reference else None

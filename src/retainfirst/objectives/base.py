@@ -177,6 +177,8 @@ class Objective:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""  # "forget" | "retain"
     needs_reference: ClassVar[bool] = False
+    # True for the retain objective ``none``: the engine then runs no retain pass at all.
+    skips_pass: ClassVar[bool] = False
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
 
     def __init__(self, **options: Any) -> None:

@@ -38,7 +38,7 @@ def get_forget_objective(name: str, **kwargs: Any) -> Objective:
 
 
 def get_retain_objective(name: str, **kwargs: Any) -> Objective:
-    """Build a retain objective (nll | kl | embed_diff); bad names/options raise RetainFirstError."""
+    """Build a retain objective (nll | kl | embed_diff | none); bad names/options raise RetainFirstError."""
     return RETAIN_OBJECTIVES.get(name, **kwargs)
 
 

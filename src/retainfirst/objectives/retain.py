@@ -1,16 +1,17 @@
-"""Retain objectives: nll (plain gradient descent, "GD"), kl, embed_diff (RMU's retain loss).
+"""Retain objectives: nll (plain gradient descent, "GD"), kl, embed_diff (RMU's retain loss), none.
 
 None of them knows about the forget side.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retainfirst.errors import RetainFirstError
 from retainfirst.objectives.base import (
     Objective,
     ObjectiveOptions,
@@ -94,3 +95,17 @@ class EmbedDiff(Objective):
         mse = masked_mse(hidden, ref_hidden, mask)
         self._record(mse=mse)
         return self.coefficient * mse
+
+
+@register_retain_objective("none")
+class NoRetain(Objective):
+    """No retain term: the forget-only baselines (GradAscent, NPOForget, SimNPOForget of the paper's code).
+
+    The engine sees ``skips_pass`` and runs no retain forward or backward; g_r is zero, so every
+    synthesizer's update is gamma * g_f.
+    """
+
+    skips_pass: ClassVar[bool] = True
+
+    def compute(self, model: nn.Module, batch: dict[str, Tensor], reference: Any) -> Tensor:
+        raise RetainFirstError("retain objective 'none' has no loss; the engine skips the retain pass")
