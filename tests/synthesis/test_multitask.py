@@ -151,8 +151,9 @@ def test_options_reach_torchjd(name, options, gradients):
 @needs_torchjd
 def test_upgrad_and_dualproj_never_conflict_with_either_task():
     forget, retain = model_gradients(-1.0)
-    for name in ("upgrad", "dualproj"):
-        _, stats = get_synthesizer(name).combine(cloned(forget), cloned(retain))
+    # with gamma > alpha the plain mean conflicts with g_r, so DualProj's projection is active too
+    for name, alpha, gamma in [("upgrad", 1.0, 1.0), ("upgrad", 0.7, 1.6), ("dualproj", 0.7, 1.6)]:
+        _, stats = get_synthesizer(name, alpha=alpha, gamma=gamma).combine(cloned(forget), cloned(retain))
         assert stats["cos_forget_retain"] < 0
         # up to the quadprog projector's regularisation (reg_eps = 1e-4 on the normalised Gramian)
         assert stats["cos_update_forget"] > -1e-3 and stats["cos_update_retain"] > -1e-3, (name, stats)
@@ -297,6 +298,19 @@ def test_names_are_registered_and_sweepable():
 def test_bad_options_are_rejected(name, options, message):
     with pytest.raises(RetainFirstError, match=message):
         get_synthesizer(name, **options)
+
+
+@needs_torchjd
+def test_a_missing_solver_is_named(monkeypatch):
+    from retainfirst.synthesis import multitask
+
+    monkeypatch.setattr(multitask, "find_spec", lambda name: None if name == "quadprog" else object())
+    with pytest.raises(RetainFirstError) as caught:
+        get_synthesizer("upgrad")
+    assert str(caught.value) == (
+        "synthesizer 'upgrad': needs quadprog (not installed); pip install 'retainfirst[torchjd]'"
+    )
+    get_synthesizer("mgda")  # needs no solver
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
