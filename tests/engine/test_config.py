@@ -77,7 +77,8 @@ def test_training_fields_ignore_bookkeeping():
 
 def test_registry_names_and_their_options_are_checked_at_construction():
     with pytest.raises(
-        RetainFirstError, match=r"^train config: synthesizer='nope' is not valid; choose one of blur,"
+        RetainFirstError,
+        match=r"^train config: synthesizer='nope' is not valid; choose one of aligned_mtl, blur,",
     ):
         TrainConfig(synthesizer="nope")
     with pytest.raises(

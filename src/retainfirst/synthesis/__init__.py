@@ -14,11 +14,15 @@ Built-in strategies (exact rules in :mod:`retainfirst.synthesis.strategies`): ``
 ``pcgrad``, ``pcgrad_global``, ``sago`` (option ``keep_retain_where_forget_zero``),
 ``sago_prefer_retain``, ``blur`` and the baseline ``retain_only``; other packages add strategies
 through the ``retainfirst.synthesizers`` entry-point group (see :mod:`retainfirst.registry`).
+Symmetric multi-task aggregators from torchjd (optional extra ``retainfirst[torchjd]``, see
+:mod:`retainfirst.synthesis.multitask`): ``upgrad``, ``dualproj``, ``mgda``, ``cagrad``,
+``aligned_mtl``, ``imtl_g``, ``nash_mtl``; they add weight_forget and weight_retain stats.
 Stats always include conflict_fraction, cos_forget_retain, cos_update_retain, cos_update_forget, norm_forget,
 norm_retain, norm_update; pcgrad* add projected_fraction, sago* replaced_fraction,
 pcgrad_global and blur projection_coefficient.
 """
 
+from retainfirst.synthesis import multitask as _multitask  # noqa: F401  (torchjd imported lazily)
 from retainfirst.synthesis import strategies as _strategies  # noqa: F401  (registers the built-ins)
 from retainfirst.synthesis.base import AllReduceFn, PairSums, Synthesizer, SynthesizerOptions
 from retainfirst.synthesis.registry import (
