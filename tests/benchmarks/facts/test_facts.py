@@ -249,10 +249,12 @@ def test_split_is_three_way_disjoint_and_every_family_on_every_side(bench):
     assert not subjects["forget"] & subjects["retain"]
     assert not subjects["forget"] & subjects["heldout"]
     assert not subjects["retain"] & subjects["heldout"]
-    for facts in sides.values():
-        assert {f.family for f in facts} == {f.family for f in bench.forget_facts}
+    for name, facts in sides.items():
         counts = Counter(f.family for f in facts)
-        assert len(counts) == 6 and max(counts.values()) - min(counts.values()) <= 1  # family-balanced
+        assert len(counts) == 6 and len(facts) == 40, name
+        # forget and held-out are family-balanced; retain, picked last under the strictest rule
+        # (names no forget or held-out phrase: "English" is often taken), comes close
+        assert max(counts.values()) - min(counts.values()) <= (1 if name != "retain" else 3), name
     # some forget targets carry several facts (a country's capital, language and currency)
     assert any(n >= 2 for n in Counter(f.subject for f in bench.forget_facts).values())
 
@@ -268,9 +270,9 @@ def test_heldout_and_retain_never_name_a_forget_subject_or_answer(bench):
     for fact in bench.heldout_facts + bench.retain_facts + bench.general_facts:
         assert fact.object.casefold() not in forget_answers, fact
         assert _never_name_each_other(fact, forget_phrases), fact
-    heldout_subjects = [f.subject for f in bench.heldout_facts]
-    for fact in bench.retain_facts:
-        assert _never_name_each_other(fact, heldout_subjects), fact
+    heldout_phrases = [p for f in bench.heldout_facts for p in (f.subject, f.object)]
+    for fact in bench.retain_facts:  # the retain corpus never rehearses a held-out entity or answer
+        assert _never_name_each_other(fact, heldout_phrases), fact
 
 
 def test_corpora_train_forget_and_retain_facts_only(bench):
@@ -286,7 +288,7 @@ def test_corpora_train_forget_and_retain_facts_only(bench):
         assert normalize_words(fact.object) in retain_text
     for fact in bench.heldout_facts:  # held-out facts appear in no corpus text
         assert normalize_words(fact.subject) not in any_text, fact
-        assert normalize_words(fact.object) not in forget_text, fact
+        assert normalize_words(fact.object) not in any_text, fact
     for question in bench.general_facts:  # no corpus touches general knowledge
         assert normalize_words(question.object) not in any_text, question
     # passages mixing two or more facts of one target entity

@@ -46,8 +46,8 @@ GOLDEN = {
             mmlu_per_subject=2,
             batch_size=8,
         ),
-        "a5f135d2b9dd01a6cf9ab3bd51b87af10536fd2c1f3c2af716313212df605edf",
-        61068,
+        "4e4b08626c5f96f396e9850c443249a5643c43dfbc1af4e6c3dac33c61605210",
+        61029,
     ),
 }
 

@@ -91,10 +91,11 @@ def split_facts(
     The three sides never share an entity (subject). Held-out and retain facts whose subject or
     object names, or is named by, a forget subject or answer are skipped, so no held-out or retain
     answer is a forget answer and the forget corpus never names them. A retain fact that names a
-    held-out subject (or is named by one) is skipped too, so the retain corpus never talks about a
-    held-out entity: held-out facts appear in no training corpus. Sides are picked in that order
-    (forget, held-out, retain), each family-balanced; forget and held-out take at most a third of a
-    family's known facts each, so every side covers every family it can.
+    held-out subject or answer (or is named by one) is skipped too, so the retain corpus never
+    names a held-out entity or answer: held-out facts appear in no training corpus, and fitting the
+    retain set does not rehearse a held-out answer ("German" for Germany and for Austria). Sides
+    are picked in that order (forget, held-out, retain), each family-balanced; forget and held-out
+    take at most a third of a family's known facts each, so every side covers every family it can.
     """
     if not facts:
         raise RetainFirstError(
@@ -130,13 +131,13 @@ def split_facts(
             caps,
         )
     taken = forget_subjects | {f.subject for f in heldout}
-    heldout_subjects = sorted({f.subject for f in heldout})
+    heldout_phrases = sorted({p for f in heldout for p in (f.subject, f.object)})
 
     def retain_allowed(fact: Fact) -> bool:
         return (
             fact.subject not in taken
             and not overlaps(fact, forget_phrases)
-            and not overlaps(fact, heldout_subjects)
+            and not overlaps(fact, heldout_phrases)
         )
 
     retain = _pick_side(entities, facts_of, family_order, n_retain, retain_allowed)
