@@ -133,6 +133,7 @@ def tiny_facts_setup(tiny_setup, tmp_path):
         tokenizer,
         n_forget=3,
         n_retain=3,
+        n_general=4,
         knowledge_filter=lambda facts, probes: [True] * len(facts),
         passages_per_fact=2,
         mixed_per_entity=1,
@@ -263,7 +264,7 @@ def test_sweep_grid_families_and_verdict(tiny_facts_setup, tmp_path, capsys):
     ] * 2
     assert set(results["comparison"]["fronts"]) == {"sum", "sago"}
     assert all(0.0 <= r["forget_score"] <= 1.0 for r in results["runs"])
-    assert {"forget", "neighbor", "mmlu"} <= set(results["before"]["metrics"])
+    assert {"forget", "heldout", "general_qa", "retain_fit", "mmlu"} <= set(results["before"]["metrics"])
     assert (out / "benchmark.json").is_file()
     summary = (out / "summary.md").read_text()
     assert "## Verdict" in summary and "| sago-alpha1 |" in summary
@@ -316,8 +317,8 @@ def test_demo_with_fewer_steps_and_facts(tmp_path):
     assert [r["name"] for r in results["runs"]] == ["sum", "pcgrad", "sago"]
     before = results["before"]["metrics"]
     # the benchmark keeps facts the model answers, so before unlearning recall is high
-    assert before["forget"] > 0.7 and before["neighbor"] > 0.7
+    assert before["forget"] > 0.7 and before["heldout"] > 0.6 and before["general_qa"] > 0.9
     assert 0.0 < before["mmlu"] <= 1.0 and before["ppl"] > 1.0
     for run in results["runs"]:
-        assert set(run["recovery"]) == {"neighbor", "mmlu", "ppl"}
+        assert set(run["recovery"]) == {"heldout", "general_qa", "mmlu", "ppl"}  # not retain_fit
         assert -1.0 <= run["final_stats"]["cos_update_retain"] <= 1.0

@@ -18,9 +18,12 @@ def test_catalogue_orders_by_role_then_registration():
         "forget",
         "wmdp_bio",
         "wmdp_cyber",
+        "heldout",
+        "general_qa",
         "neighbor",
         "mmlu",
         "ppl",
+        "retain_fit",
         "mia",
     ]
 

@@ -13,19 +13,26 @@ from retainfirst.data.probes import Probe
 from retainfirst.errors import RetainFirstError
 from retainfirst.io import atomic_write_text
 
-BENCHMARK_VERSION = "facts-1"
+BENCHMARK_VERSION = "facts-2"  # facts-2: held-out and general-knowledge sets, paraphrase probes
 
 
 @dataclass
 class FactBenchmark:
-    """Forget/retain corpora, RWKU-style probes, held-out text and the MMLU subset of one build."""
+    """Forget/retain corpora, RWKU-style probes, held-out text and the MMLU subset of one build.
+
+    ``retain_facts`` are the facts the retain corpus is made of (probes ``retain_fit_*``);
+    ``heldout_facts`` share their relation families but appear in no corpus (``heldout_*``);
+    ``general_facts`` are general-knowledge questions no corpus touches (``general_qa``).
+    """
 
     forget_corpus: list[str]
     retain_corpus: list[str]
     probes: dict[str, list[Probe]]
     general_texts: list[str]
     forget_facts: list[Fact]
-    neighbor_facts: list[Fact]
+    retain_facts: list[Fact]
+    heldout_facts: list[Fact] = field(default_factory=list)
+    general_facts: list[Fact] = field(default_factory=list)
     mmlu_subset_spec: MMLUSubsetSpec = field(default_factory=MMLUSubsetSpec)
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -39,15 +46,21 @@ class FactBenchmark:
         return list(dict.fromkeys(f.subject for f in self.forget_facts))
 
     @property
-    def neighbor_targets(self) -> list[str]:
-        return list(dict.fromkeys(f.subject for f in self.neighbor_facts))
+    def retain_targets(self) -> list[str]:
+        return list(dict.fromkeys(f.subject for f in self.retain_facts))
+
+    @property
+    def heldout_targets(self) -> list[str]:
+        return list(dict.fromkeys(f.subject for f in self.heldout_facts))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": BENCHMARK_VERSION,
             "stats": self.stats,
             "forget_facts": [asdict(f) for f in self.forget_facts],
-            "neighbor_facts": [asdict(f) for f in self.neighbor_facts],
+            "retain_facts": [asdict(f) for f in self.retain_facts],
+            "heldout_facts": [asdict(f) for f in self.heldout_facts],
+            "general_facts": [asdict(f) for f in self.general_facts],
             "forget_corpus": self.forget_corpus,
             "retain_corpus": self.retain_corpus,
             "probes": {name: [asdict(p) for p in probes] for name, probes in self.probes.items()},
@@ -80,7 +93,9 @@ class FactBenchmark:
                 probes=probes,
                 general_texts=[str(t) for t in data["general_texts"]],
                 forget_facts=[Fact(**f) for f in data["forget_facts"]],
-                neighbor_facts=[Fact(**f) for f in data["neighbor_facts"]],
+                retain_facts=[Fact(**f) for f in data["retain_facts"]],
+                heldout_facts=[Fact(**f) for f in data["heldout_facts"]],
+                general_facts=[Fact(**f) for f in data["general_facts"]],
                 mmlu_subset_spec=MMLUSubsetSpec(
                     subjects=tuple(data["mmlu_subset_spec"]["subjects"]),
                     per_subject=int(data["mmlu_subset_spec"]["per_subject"]),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,18 @@ from retainfirst import models
 from retainfirst.benchmarks.facts.benchmark import BENCHMARK_VERSION, FactBenchmark
 from retainfirst.benchmarks.facts.corpus import MMLUSubsetSpec, load_general_texts, make_corpus
 from retainfirst.benchmarks.facts.families import load_families
+from retainfirst.benchmarks.facts.general import general_probe, load_general_questions
 from retainfirst.benchmarks.facts.knowledge_filter import (
     GreedyKnowledgeFilter,
     KnowledgeFilter,
+    filter_general_questions,
     filter_known_facts,
     known_facts_filter,
 )
+from retainfirst.benchmarks.facts.names import NamedIn
 from retainfirst.benchmarks.facts.schema import LEVELS, PROBE_SETS, Fact, FactFamily
-from retainfirst.benchmarks.facts.split import split_facts
-from retainfirst.benchmarks.facts.templates import fact_probes
+from retainfirst.benchmarks.facts.split import overlaps, split_facts
+from retainfirst.benchmarks.facts.templates import PROBES_PER_LEVEL, paraphrase_probes
 from retainfirst.data.probes import Probe
 from retainfirst.errors import RetainFirstError
 
@@ -36,6 +40,9 @@ def build_fact_benchmark(
     n_retain: int = 40,
     batch_size: int = 32,
     *,
+    n_heldout: int | None = None,
+    n_general: int | None = None,
+    probes_per_level: Mapping[str, int] | None = None,
     max_new_tokens: int = 16,
     passages_per_fact: int = 5,
     mixed_per_entity: int = 2,
@@ -48,19 +55,33 @@ def build_fact_benchmark(
     filter_slack: float = 1.3,
     max_tested_factor: float = 3.0,
     families: Sequence[FactFamily] | None = None,
+    general_questions: Sequence[Fact] | None = None,
     mmlu_per_subject: int = 5,
     model_name: str | None = None,
 ) -> FactBenchmark:
-    """Build the benchmark for ``model``: filter known facts, split, write corpora and probes.
+    """Build the benchmark for ``model``: filter known facts, split three ways, write corpora and probes.
 
-    ``known_facts`` (family, subject pairs) or ``knowledge_filter`` replace the greedy check (tests,
-    other models). ``filter_levels`` are the probe levels a fact must pass ("qa" by default; add
-    "fb" for a stricter, slower filter). Without ``exhaustive`` each family stops once it has
-    ``needed = ceil(filter_slack * (n_forget + n_retain) / n_families)`` kept facts or has tested
-    ``max_tested_factor * needed`` candidates: on two CPU cores each tested probe costs ~0.15 s.
+    ``n_heldout`` held-out facts (None: as many as ``n_retain``) and up to ``n_general`` known
+    general-knowledge questions (None: all; 0: none) measure utility; see :mod:`.split` and
+    :mod:`.general`. ``probes_per_level`` ({"fb", "qa", "aa"} -> count, default
+    ``PROBES_PER_LEVEL``) sets how many paraphrase probes each fact gets.
+    ``known_facts`` (family, subject pairs; general questions as ("general:<category>", question))
+    or ``knowledge_filter`` replace the greedy check (tests, other models). ``filter_levels`` are
+    the probe levels a fact must pass ("qa" by default; add "fb" for a stricter, slower filter).
+    Without ``exhaustive`` each family stops once it has ``needed = ceil(filter_slack * (n_forget +
+    n_retain + n_heldout) / n_families)`` kept facts or has tested ``max_tested_factor * needed``
+    candidates; every general question is tested (one generation each).
     """
-    if n_forget < 1 or n_retain < 1:
-        raise RetainFirstError(f"n_forget and n_retain must be >= 1, got {n_forget} and {n_retain}")
+    n_heldout = n_retain if n_heldout is None else n_heldout
+    if n_forget < 1 or n_retain < 1 or n_heldout < 1:
+        raise RetainFirstError(
+            f"n_forget, n_retain and n_heldout must be >= 1, got {n_forget}, {n_retain} and {n_heldout}"
+        )
+    if n_general is not None and n_general < 0:
+        raise RetainFirstError(f"n_general must be >= 0 or None (all known questions), got {n_general}")
+    per_level = {**PROBES_PER_LEVEL, **(probes_per_level or {})}
+    if set(per_level) != set(LEVELS) or any(int(n) < 1 for n in per_level.values()):
+        raise RetainFirstError(f"probes_per_level {dict(per_level)!r} must map fb, qa and aa to counts >= 1")
     started = time.perf_counter()
     families = list(families) if families is not None else load_families()
     if not families:
@@ -81,41 +102,73 @@ def build_fact_benchmark(
         filter_settings = {"kind": "greedy", **greedy.settings()}
     else:
         filter_settings = {"kind": getattr(knowledge_filter, "__name__", type(knowledge_filter).__name__)}
-    needed = None if exhaustive else math.ceil(filter_slack * (n_forget + n_retain) / len(families))
+    total = n_forget + n_retain + n_heldout
+    needed = None if exhaustive else math.ceil(filter_slack * total / len(families))
     max_tested = None if needed is None else math.ceil(max_tested_factor * needed)
     kept, counts = filter_known_facts(
         families, knowledge_filter, seed, needed, filter_levels, batch_size, max_tested
     )
-    forget, neighbors = split_facts(kept, n_forget, n_retain, seed)
+    forget, retain, heldout = split_facts(kept, n_forget, n_retain, seed, n_heldout)
 
     templates_of = {family.name: family.templates for family in families}
-    probes: dict[str, list[Probe]] = {name: [] for name in PROBE_SETS}
-    for fact in forget:
-        made = fact_probes(fact, templates_of[fact.family], seed)
-        probes["forget_fb"].append(made["fb"])
-        probes["forget_qa"].append(made["qa"])
-        probes["forget_aa"].append(made["aa"])
-    for fact in neighbors:
-        made = fact_probes(fact, templates_of[fact.family], seed)
-        probes["neighbor_fb"].append(made["fb"])
-        probes["neighbor_qa"].append(made["qa"])
     forget_corpus = make_corpus(forget, templates_of, seed, passages_per_fact, mixed_per_entity, "forget")
-    retain_corpus = make_corpus(neighbors, templates_of, seed, passages_per_fact, mixed_per_entity, "retain")
+    retain_corpus = make_corpus(retain, templates_of, seed, passages_per_fact, mixed_per_entity, "retain")
+    in_any = NamedIn(forget_corpus + retain_corpus)
+    # the split keeps held-out facts out of the corpora by name; this also catches template words
+    named = [f for f in heldout if in_any(f.subject) or in_any(f.object)]
+    heldout = [f for f in heldout if f not in named]
+    if not heldout:
+        raise RetainFirstError("every held-out fact is named in a training corpus; raise n_heldout")
+
+    candidates = list(general_questions) if general_questions is not None else load_general_questions()
+    general_known = [] if n_general == 0 else filter_general_questions(candidates, knowledge_filter)
+    forget_phrases = [p for f in forget for p in (f.subject, f.object)]
+    touching = [q for q in general_known if in_any(q.object) or overlaps(q, forget_phrases)]
+    general = [q for q in general_known if q not in touching]
+    if n_general is not None and len(general) > n_general:
+        chosen = set(random.Random(f"{seed}:general").sample(range(len(general)), n_general))
+        general = [q for i, q in enumerate(general) if i in chosen]
+
+    probes: dict[str, list[Probe]] = {name: [] for name in PROBE_SETS}
+    for prefix, side, levels in (
+        ("forget", forget, ("fb", "qa", "aa")),
+        ("heldout", heldout, ("fb", "qa")),
+        ("retain_fit", retain, ("fb", "qa")),
+    ):
+        for fact in side:
+            for level in levels:
+                made = paraphrase_probes(fact, templates_of[fact.family], seed, level, per_level[level])
+                probes[f"{prefix}_{level}"].extend(made)
+    probes["general_qa"] = [general_probe(q) for q in general]
 
     for name, family_counts in counts.items():
         family_counts["forget"] = sum(f.family == name for f in forget)
-        family_counts["neighbor"] = sum(f.family == name for f in neighbors)
+        family_counts["retain"] = sum(f.family == name for f in retain)
+        family_counts["heldout"] = sum(f.family == name for f in heldout)
     stats: dict[str, Any] = {
         "version": BENCHMARK_VERSION,
         "seed": seed,
         "model": model_name or _model_name(model),
         "n_forget": len(forget),
-        "n_neighbor": len(neighbors),
+        "n_retain": len(retain),
+        "n_heldout": len(heldout),
+        "n_general": len(general),
         "n_forget_requested": n_forget,
         "n_retain_requested": n_retain,
+        "n_heldout_requested": n_heldout,
+        "n_general_requested": n_general,
         "forget_targets": len({f.subject for f in forget}),
-        "neighbor_targets": len({f.subject for f in neighbors}),
+        "retain_targets": len({f.subject for f in retain}),
+        "heldout_targets": len({f.subject for f in heldout}),
+        "heldout_dropped_named_in_corpus": len(named),
         "families": counts,
+        "general": {
+            "candidates": len(candidates),
+            "tested": 0 if n_general == 0 else len(candidates),
+            "known": len(general_known),
+            "dropped_touching_corpus_or_forget": len(touching),
+            "kept": len(general),
+        },
         "kept_total": len(kept),
         "prompt_format": filter_settings.get("prompt_format", prompt_format),
         # evaluate_generation(**bench.eval_settings) scores the probes the way the filter did
@@ -137,6 +190,7 @@ def build_fact_benchmark(
             "passages_per_fact": passages_per_fact,
             "mixed_per_entity": mixed_per_entity,
         },
+        "probes_per_level": dict(per_level),
         "probes": {name: len(items) for name, items in probes.items()},
         "build_seconds": round(time.perf_counter() - started, 2),
     }
@@ -146,7 +200,9 @@ def build_fact_benchmark(
         probes=probes,
         general_texts=load_general_texts(),
         forget_facts=forget,
-        neighbor_facts=neighbors,
+        retain_facts=retain,
+        heldout_facts=heldout,
+        general_facts=general,
         mmlu_subset_spec=MMLUSubsetSpec(per_subject=mmlu_per_subject, seed=seed),
         stats=stats,
     )

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from retainfirst.benchmarks.facts.general import general_probe
 from retainfirst.benchmarks.facts.schema import LEVELS, Fact, FactFamily
 from retainfirst.benchmarks.facts.templates import fact_probes
 from retainfirst.data.probes import Probe
@@ -154,3 +155,11 @@ def known_facts_filter(known: Iterable[Fact | tuple[str, str]]) -> KnowledgeFilt
         return [fact.key in keys for fact in facts]
 
     return check
+
+
+def filter_general_questions(questions: Sequence[Fact], knowledge_filter: KnowledgeFilter) -> list[Fact]:
+    """The general-knowledge questions whose QA probe passes ``knowledge_filter`` (all tested: one call)."""
+    if not questions:
+        return []
+    passed = knowledge_filter(questions, [general_probe(q) for q in questions])
+    return [question for question, ok in zip(questions, passed, strict=True) if ok]

@@ -26,3 +26,28 @@ def mentions(text: str, phrase: str) -> bool:
 def leaks_answer(subject: str, obj: str) -> bool:
     """True when subject and object name each other ("Mexico" -> "Mexico City"): a trivial probe."""
     return mentions(subject, obj) or mentions(obj, subject)
+
+
+class NamedIn:
+    """Whole-word "is this phrase named anywhere in these texts" over a fixed corpus, fast.
+
+    Every word n-gram (up to ``longest`` words) of the texts is indexed once; longer phrases fall
+    back to :func:`mentions` on each text.
+    """
+
+    def __init__(self, texts: list[str], longest: int = 8):
+        self.texts = texts
+        self.longest = longest
+        self.grams: set[tuple[str, ...]] = set()
+        for text in texts:
+            words = normalize_words(text)
+            for n in range(1, longest + 1):
+                self.grams.update(words[i : i + n] for i in range(len(words) - n + 1))
+
+    def __call__(self, phrase: str) -> bool:
+        needle = normalize_words(phrase)
+        if not needle:
+            return False
+        if len(needle) <= self.longest:
+            return needle in self.grams
+        return any(mentions(text, phrase) for text in self.texts)

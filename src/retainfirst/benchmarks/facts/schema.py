@@ -13,7 +13,19 @@ from typing import Any
 
 from retainfirst.errors import RetainFirstError
 
-PROBE_SETS = ("forget_fb", "forget_qa", "forget_aa", "neighbor_fb", "neighbor_qa")
+# forget_*: the forget facts (their passages are the forget corpus); retain_fit_*: the retain facts
+# (their passages are the retain corpus: a fit diagnostic, not utility); heldout_*: facts of the same
+# families in no corpus (the primary utility); general_qa: general-knowledge questions (collateral).
+PROBE_SETS = (
+    "forget_fb",
+    "forget_qa",
+    "forget_aa",
+    "heldout_fb",
+    "heldout_qa",
+    "general_qa",
+    "retain_fit_fb",
+    "retain_fit_qa",
+)
 LEVELS = {"fb": "1", "qa": "2", "aa": "3"}
 # RWKU's nine level-3 attack types (Probe.kind); the evaluation formats two of them specially.
 ATTACK_KINDS = (

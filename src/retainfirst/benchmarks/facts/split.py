@@ -1,10 +1,11 @@
-"""The seeded, entity-level forget/neighbour split, balanced over relation families."""
+"""The seeded, entity-level forget / held-out / retain split, balanced over relation families."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from retainfirst.benchmarks.facts.names import mentions
 from retainfirst.benchmarks.facts.schema import Fact
@@ -68,14 +69,33 @@ def _pick_side(
     return chosen
 
 
-def split_facts(
-    facts: Sequence[Fact], n_forget: int, n_retain: int, seed: int
-) -> tuple[list[Fact], list[Fact]]:
-    """Seeded entity-level split into forget facts and neighbour (retain) facts.
+class FactSplit(NamedTuple):
+    """The three disjoint sides of the known facts (see :func:`split_facts`)."""
 
-    Neighbour facts never share an entity with forget facts, and a neighbour fact whose subject or
-    object mentions, or is mentioned by, any forget fact's subject or object is skipped: the forget
-    corpus never names a neighbour answer and the retain corpus never names a forget answer.
+    forget: list[Fact]
+    retain: list[Fact]
+    heldout: list[Fact]
+
+
+def overlaps(fact: Fact, phrases: Sequence[str]) -> bool:
+    """Whether the fact's subject or object names, or is named by, one of ``phrases``."""
+    own = (fact.subject, fact.object)
+    return any(mentions(p, o) or mentions(o, p) for p in phrases for o in own)
+
+
+def split_facts(
+    facts: Sequence[Fact], n_forget: int, n_retain: int, seed: int, n_heldout: int = 0
+) -> FactSplit:
+    """Seeded entity-level split into forget, held-out and retain (neighbour) facts.
+
+    The three sides never share an entity (subject). Held-out and retain facts whose subject or
+    object names, or is named by, a forget subject or answer are skipped, so no held-out or retain
+    answer is a forget answer and the forget corpus never names them. A retain fact that names a
+    held-out subject or answer (or is named by one) is skipped too, so the retain corpus never
+    names a held-out entity or answer: held-out facts appear in no training corpus, and fitting the
+    retain set does not rehearse a held-out answer ("German" for Germany and for Austria). Sides
+    are picked in that order (forget, held-out, retain), each family-balanced; forget and held-out
+    take at most a third of a family's known facts each, so every side covers every family it can.
     """
     if not facts:
         raise RetainFirstError(
@@ -85,30 +105,45 @@ def split_facts(
     facts_of: dict[str, list[Fact]] = defaultdict(list)
     for fact in facts:
         facts_of[fact.subject].append(fact)
-    if len(facts_of) < 2:
+    sides = 2 + (n_heldout > 0)
+    if len(facts_of) < sides:
         raise RetainFirstError(
-            f"only {len(facts_of)} known entity; the split needs at least one forget and one neighbour entity"
+            f"only {len(facts_of)} known entity; the split needs at least one forget, one retain"
+            + (" and one held-out entity" if n_heldout > 0 else " entity")
         )
     entities = sorted(facts_of)
     random.Random(f"{seed}:split").shuffle(entities)
     family_order = list(dict.fromkeys(f.family for f in facts))
-    # forget takes at most half of a family's known facts, so neighbours cover every family too
     available = Counter(f.family for f in facts)
-    caps = {family: (count + 1) // 2 for family, count in available.items()}
+    caps = {family: -(-count // sides) for family, count in available.items()}
     forget = _pick_side(entities, facts_of, family_order, n_forget, lambda f: True, caps)
     forget_subjects = {f.subject for f in forget}
     forget_phrases = [p for f in forget for p in (f.subject, f.object)]
 
-    def neighbor_allowed(fact: Fact) -> bool:
-        if fact.subject in forget_subjects:
-            return False
-        own = (fact.subject, fact.object)
-        return not any(mentions(p, o) or mentions(o, p) for p in forget_phrases for o in own)
-
-    retain = _pick_side(entities, facts_of, family_order, n_retain, neighbor_allowed)
-    if not forget or not retain:
-        raise RetainFirstError(
-            f"the split left {len(forget)} forget and {len(retain)} neighbour facts; the model knows too few "
-            "facts for the requested sizes: lower n_forget/n_retain"
+    heldout: list[Fact] = []
+    if n_heldout > 0:
+        heldout = _pick_side(
+            entities,
+            facts_of,
+            family_order,
+            n_heldout,
+            lambda f: f.subject not in forget_subjects and not overlaps(f, forget_phrases),
+            caps,
         )
-    return forget, retain
+    taken = forget_subjects | {f.subject for f in heldout}
+    heldout_phrases = sorted({p for f in heldout for p in (f.subject, f.object)})
+
+    def retain_allowed(fact: Fact) -> bool:
+        return (
+            fact.subject not in taken
+            and not overlaps(fact, forget_phrases)
+            and not overlaps(fact, heldout_phrases)
+        )
+
+    retain = _pick_side(entities, facts_of, family_order, n_retain, retain_allowed)
+    if not forget or not retain or (n_heldout > 0 and not heldout):
+        raise RetainFirstError(
+            f"the split left {len(forget)} forget, {len(retain)} retain and {len(heldout)} held-out facts; "
+            "the model knows too few facts for the requested sizes: lower n_forget/n_retain/n_heldout"
+        )
+    return FactSplit(forget, retain, heldout)

@@ -114,3 +114,35 @@ def fact_probes(fact: Fact, templates: FactTemplates, seed: int) -> dict[str, Pr
             kind=aa.kind,
         ),
     }
+
+
+# Probes per fact and level in the built benchmark: the filter's probe plus paraphrases, so each
+# reported set of 16 facts has >= 50 probes (one probe moves a pooled number by at most 2 points).
+PROBES_PER_LEVEL = {"fb": 2, "qa": 2, "aa": 1}
+
+
+def paraphrase_probes(fact: Fact, templates: FactTemplates, seed: int, level: str, count: int) -> list[Probe]:
+    """``count`` probes of ``level`` from distinct templates (fewer when the family has fewer).
+
+    The first is :func:`fact_probes`' probe (the one the knowledge filter scored); the others are
+    the remaining templates in a per-fact seeded order.
+    """
+    primary = fact_probes(fact, templates, seed)[level]
+    if level == "aa":
+        pool = [(t.text, t.kind) for t in templates.aa]
+    else:
+        pool = [(t, "") for t in (templates.fb if level == "fb" else templates.qa)]
+    others = [(text, kind) for text, kind in pool if fill(text, fact) != primary.prompt]
+    random.Random(f"{seed}:{fact.family}:{fact.subject}:{level}:paraphrases").shuffle(others)
+    probes = [primary]
+    for text, kind in others[: max(count - 1, 0)]:
+        probes.append(
+            Probe(
+                prompt=fill(text, fact),
+                answer=fact.object,
+                level=LEVELS[level],
+                target=fact.subject,
+                kind=kind,
+            )
+        )
+    return probes
