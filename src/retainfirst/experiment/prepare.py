@@ -53,6 +53,8 @@ def fact_benchmark(config: RunConfig, model: Any, tokenizer: Any, workdir: Path 
             seed=data.benchmark_seed,
             n_forget=data.n_forget,
             n_retain=data.n_retain,
+            n_heldout=data.n_heldout,
+            n_general=data.n_general,
         )
     if workdir is not None:
         bench.save(workdir / "benchmark.json")

@@ -174,8 +174,10 @@ def test_runs_the_facts_and_mmlu_tasks_on_a_quantized_copy(quantize, make_contex
     results = quantize.run(model, byte_tokenizer, data, context.config.eval)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the model is untouched
     names = [r.task for r in results]
-    assert names[:6] == [f"quant4/{f}" for f in data.data["facts"]["probes"]] + ["quant4/perplexity"]
-    assert names[6:] == ["quant4_forget", "quant4", "quant4_utility"]
-    assert set(results[7].metrics) == set()  # no score before unlearning: no recovered fraction
-    assert set(results[8].metrics) == {"utility", "kept/neighbor", "kept/ppl"}
+    probes = list(data.data["facts"]["probes"])  # forget, held-out, general and retain-fit sets
+    assert len(probes) == 8
+    assert names[:9] == [f"quant4/{f}" for f in probes] + ["quant4/perplexity"]
+    assert names[9:] == ["quant4_forget", "quant4", "quant4_utility"]
+    assert set(results[10].metrics) == set()  # no score before unlearning: no recovered fraction
+    assert set(results[11].metrics) == {"utility", "kept/heldout", "kept/general_qa", "kept/ppl"}
     assert quantize.describe(data) == "4-bit weights, then facts, perplexity"
