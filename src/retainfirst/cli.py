@@ -1,9 +1,10 @@
-"""Command line: ``retainfirst run | sweep | eval``: argument parsing and error reporting only.
+"""Command line: ``retainfirst run | sweep | eval | data``: argument parsing and error reporting only.
 
 ``run`` trains one sub-run per synthesizer of a config (the bundled demo without one), evaluates
 the model before (once) and after each sub-run, and writes a report directory; ``sweep`` does the
 same over a cartesian grid of training settings and compares the Pareto fronts of the synthesizer
-families; ``eval`` scores any model on a list of tasks. The work is done by
+families; ``eval`` scores any model on a list of tasks; ``data`` downloads a benchmark
+(:func:`retainfirst.data.download.setup_benchmark`). The work is done by
 :func:`retainfirst.experiment.run_experiment` and :func:`retainfirst.experiment.evaluate_model`.
 User errors (:class:`RetainFirstError`, bad arguments) print one line on stderr and exit with 2.
 """
@@ -63,12 +64,20 @@ def _start(
     else:
         config = load_config(config_path, overrides)
     grid_arg = grid if sweep else None
-    run_experiment(config, args.out, resume=args.resume, overwrite=args.overwrite, grid=grid_arg, sweep=sweep)
+    push = getattr(args, "push_to_hub", None)
+    extra = {"push_to_hub": push} if push else {}
+    run_experiment(
+        config, args.out, resume=args.resume, overwrite=args.overwrite, grid=grid_arg, sweep=sweep, **extra
+    )
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
+    if args.push_to_hub:
+        from retainfirst.report.model_card import check_push
+
+        check_push(args.push_to_hub)  # no token or no network: fail now, not after training
     return _start(args, False, config_path, overrides, [])
 
 
@@ -118,6 +127,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from retainfirst.data.download import setup_benchmark
+
+    setup_benchmark(args.benchmark, args.dir)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser and entry point
 
@@ -125,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Retention-first machine unlearning for causal LMs.")
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,eval,data}")
 
     def add_out(p: argparse.ArgumentParser, resume: bool = True) -> None:
         p.add_argument("--out", metavar="DIR", help="output directory (default: config.out or runs/<name>)")
@@ -143,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "items", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="config file and overrides"
     )
     add_out(run)
+    run.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload each saved model with its model card to REPO (REPO-<run> for several runs); "
+        "needs HF_TOKEN and train.save_final_model: true",
+    )
     run.set_defaults(handler=cmd_run)
 
     sweep = sub.add_parser(
@@ -184,7 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, metavar="DIR", help="output directory for results.json")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ev.set_defaults(handler=cmd_eval)
+
+    data = sub.add_parser(
+        "data",
+        help="download a benchmark from the Hugging Face hub into the layout the loaders read",
+        description="retainfirst data NAME [--dir DIR]: fetch, verify and record (MANIFEST.json) a "
+        "benchmark; files already verified are kept. Needs the hub extra and network access.",
+    )
+    data.add_argument("benchmark", choices=_benchmark_names(), help="muse = MUSE-News")
+    data.add_argument("--dir", default=None, metavar="DIR", help="target folder (default: data/<NAME>)")
+    data.set_defaults(handler=cmd_data)
     return parser
+
+
+def _benchmark_names() -> list[str]:
+    from retainfirst.data.download import benchmark_names
+
+    return list(benchmark_names())
 
 
 def _task_names() -> list[str]:
