@@ -84,7 +84,7 @@ def front_matter(config: RunConfig, sub_run: SubRun, kind: str) -> str:
 
 def _kv(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_kv(v)}" for k, v in value.items()) or "(defaults)"
+        return ", ".join(f"{k}={_kv(v)}" for k, v in value.items()) or "defaults"
     if isinstance(value, list | tuple):
         return ", ".join(_kv(v) for v in value)
     return f"`{value}`"
@@ -105,7 +105,7 @@ def _data_lines(config: RunConfig) -> list[str]:
     return [f"- {k}: {_kv(v)}" for k, v in fields.items() if v is not None]
 
 
-def _train_lines(sub_run: SubRun) -> tuple[list[str], list[str], list[str]]:
+def _train_lines(config: RunConfig, sub_run: SubRun) -> tuple[list[str], list[str], list[str]]:
     t = sub_run.train
     objectives = [
         f"- forget loss: `{t.forget_loss}` ({_kv(t.forget_kwargs)}), weight gamma = `{t.gamma}`",
@@ -118,6 +118,7 @@ def _train_lines(sub_run: SubRun) -> tuple[list[str], list[str], list[str]]:
     if sub_run.settings:
         synthesis.append(f"- sweep settings of this run: {_kv(sub_run.settings)}")
     settings = {
+        "epochs": getattr(config, "epochs", None),
         "steps": t.steps,
         "learning rate": t.lr,
         "schedule": f"{t.lr_schedule}, warmup "
@@ -192,7 +193,7 @@ def render_model_card(
     kind: str = "full",
 ) -> str:
     """The card's text (front matter + Markdown body)."""
-    objectives, synthesis, training = _train_lines(sub_run)
+    objectives, synthesis, training = _train_lines(config, sub_run)
     weights = {
         "lora": "LoRA adapters (`adapter_model.safetensors`, `adapter_config.json`) on the base model",
         "full": "full weights in safetensors"
