@@ -214,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark; files already verified are kept. Needs the hub extra and network access.",
     )
     data.add_argument("benchmark", choices=_benchmark_names(), help="muse = MUSE-News")
-    data.add_argument("--dir", default=None, metavar="DIR", help="target folder (default: data/<NAME>)")
+    data.add_argument(
+        "--dir",
+        default=None,
+        metavar="DIR",
+        help="target folder (default: the folder the bundled configs use, e.g. data/TOFU)",
+    )
     data.set_defaults(handler=cmd_data)
     return parser
 
