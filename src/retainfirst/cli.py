@@ -1,9 +1,10 @@
-"""Command line: ``retainfirst run | sweep | eval``: argument parsing and error reporting only.
+"""Command line: ``retainfirst run | sweep | eval | data``: argument parsing and error reporting only.
 
 ``run`` trains one sub-run per synthesizer of a config (the bundled demo without one), evaluates
 the model before (once) and after each sub-run, and writes a report directory; ``sweep`` does the
 same over a cartesian grid of training settings and compares the Pareto fronts of the synthesizer
-families; ``eval`` scores any model on a list of tasks. The work is done by
+families; ``eval`` scores any model on a list of tasks; ``data`` downloads a benchmark
+(:func:`retainfirst.data.download.setup_benchmark`). The work is done by
 :func:`retainfirst.experiment.run_experiment` and :func:`retainfirst.experiment.evaluate_model`.
 User errors (:class:`RetainFirstError`, bad arguments) print one line on stderr and exit with 2.
 """
@@ -64,7 +65,11 @@ def _start(
     else:
         config = load_config(config_path, overrides)
     grid_arg = grid if sweep else None
-    run_experiment(config, args.out, resume=args.resume, overwrite=args.overwrite, grid=grid_arg, sweep=sweep)
+    push = getattr(args, "push_to_hub", None)
+    extra = {"push_to_hub": push} if push else {}
+    run_experiment(
+        config, args.out, resume=args.resume, overwrite=args.overwrite, grid=grid_arg, sweep=sweep, **extra
+    )
     return 0
 
 
@@ -72,6 +77,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
     if args.plan:
         return _print_plan(args, config_path, overrides)
+    if args.push_to_hub:
+        from retainfirst.report.model_card import check_push
+
+        check_push(args.push_to_hub)  # no token or no network: fail now, not after training
     return _start(args, False, config_path, overrides, [])
 
 
@@ -133,6 +142,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from retainfirst.data.download import setup_benchmark
+
+    setup_benchmark(args.benchmark, args.dir)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Parser and entry point
 
@@ -140,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Retention-first machine unlearning for causal LMs.")
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,sweep,eval,data}")
 
     def add_out(p: argparse.ArgumentParser, resume: bool = True) -> None:
         p.add_argument("--out", metavar="DIR", help="output directory (default: config.out or runs/<name>)")
@@ -163,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved sub-runs as JSON (name, reproduces, full training config) and exit; "
         "loads no model or data",
+    )
+    run.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload each saved model with its model card to REPO (REPO-<run> for several runs); "
+        "needs HF_TOKEN and train.save_final_model: true",
     )
     run.set_defaults(handler=cmd_run)
 
@@ -205,7 +227,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, metavar="DIR", help="output directory for results.json")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ev.set_defaults(handler=cmd_eval)
+
+    data = sub.add_parser(
+        "data",
+        help="download a benchmark from the Hugging Face hub into the layout the loaders read",
+        description="retainfirst data NAME [--dir DIR]: fetch, verify and record (MANIFEST.json) a "
+        "benchmark; files already verified are kept. Needs the hub extra and network access.",
+    )
+    data.add_argument("benchmark", choices=_benchmark_names(), help="muse = MUSE-News")
+    data.add_argument(
+        "--dir",
+        default=None,
+        metavar="DIR",
+        help="target folder (default: the folder the bundled configs use, e.g. data/TOFU)",
+    )
+    data.set_defaults(handler=cmd_data)
     return parser
+
+
+def _benchmark_names() -> list[str]:
+    from retainfirst.data.download import benchmark_names
+
+    return list(benchmark_names())
 
 
 def _task_names() -> list[str]:

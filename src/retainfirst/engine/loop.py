@@ -558,7 +558,10 @@ def check_accelerator(accelerator: Any, cfg: TrainConfig) -> None:
     """Refuse setups the two-pass loop does not handle, with what to change."""
     kind = accelerator.distributed_type.value
     if kind in ("DEEPSPEED", "MEGATRON_LM", "XLA"):
-        raise RetainFirstError(f"distributed type {kind} is not supported; use DDP (multi-GPU/CPU) or FSDP2")
+        raise RetainFirstError(
+            f"distributed type {kind} is not supported; use DDP (multi-GPU/CPU) or FSDP2 "
+            "(a DeepSpeed ZeRO setup maps to configs/accelerate/fsdp2.yaml, see docs/deepspeed.md)"
+        )
     if kind == "FSDP" and not getattr(accelerator, "is_fsdp2", False):
         raise RetainFirstError("FSDP1 is not supported (parameter names are flattened); set fsdp_version: 2")
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:

@@ -108,6 +108,7 @@ def run_experiment(
     grid: Sequence[str] | None = None,
     *,
     sweep: bool | None = None,
+    push_to_hub: str | None = None,
 ) -> ExperimentResult:
     """Train one sub-run per synthesizer (times the sweep ``grid``, e.g. ``["alpha=0.5,1"]``), evaluate
     the model before (once) and after each, and write the report into ``out_dir``.
@@ -136,6 +137,8 @@ def run_experiment(
     out = Path(out_dir) if out_dir is not None else out_dir_of(config)
     # validates every sub-run before anything is written; each sub-run once per seed of `seeds`
     plan = with_seeds(plan_runs(config, parse_grid(grid_items)), evidence.seeds)
+    if push_to_hub and not any(sub.train.save_final_model for sub in plan):
+        raise RetainFirstError("--push-to-hub needs a saved model: set train.save_final_model=true")
     main = is_main_process()
     if not main:
         rundir = RunDir.follow(out, resume=resume)
@@ -156,7 +159,9 @@ def run_experiment(
             rundir.status["runs"] = {"before": {"state": "pending"}} | {
                 s.name: {"state": "pending", "family": s.family, "settings": s.settings} for s in plan
             }
-        runner = _Runner(config, plan, rundir, title=f"{config.name}: {command}", sweep=sweep)
+        runner = _Runner(
+            config, plan, rundir, title=f"{config.name}: {command}", sweep=sweep, push_repo=push_to_hub
+        )
         runner.evidence = evidence
         try:
             if not resume and main:
@@ -217,14 +222,32 @@ def _load(config: RunConfig) -> tuple[Any, Any]:
 class _Runner:
     """Runs the sub-runs of a directory (skipping finished ones) and writes the report."""
 
-    def __init__(self, config: RunConfig, plan: list[SubRun], rundir: RunDir, *, title: str, sweep: bool):
+    def __init__(
+        self,
+        config: RunConfig,
+        plan: list[SubRun],
+        rundir: RunDir,
+        *,
+        title: str,
+        sweep: bool,
+        push_repo: str | None = None,
+    ):
         self.config = config
+        self.push_repo = push_repo
         self.plan = plan
         self.rundir = rundir
         self.title = title
         self.sweep = sweep
         self.started_training = False
         self.evidence = EvidenceSettings()
+
+    def share(self, folder: Path, sub: SubRun, after: list[Any], before: list[Any]) -> None:
+        """The saved model's Hub model card, and the upload when ``--push-to-hub`` asked for it."""
+        from retainfirst.report.model_card import push_to_hub, repo_for_run, write_model_card
+
+        write_model_card(folder, self.config, sub, after, before=before)
+        if self.push_repo:
+            push_to_hub(folder, repo_for_run(self.push_repo, sub.name, len(self.plan)))
 
     def execute(self) -> dict[str, Any]:
         from retainfirst import engine
@@ -286,6 +309,8 @@ class _Runner:
                 extra["stopped_early"] = bool(getattr(result, "stopped_early", False))
                 save_items(after, run_dir / ITEMS_FILE)
                 save_results(after, results_path, extra=extra)
+                if sub.train.save_final_model:
+                    self.share(run_dir / "model", sub, after, before)
                 if not config.keep_finished_checkpoints:
                     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             rundir.mark(sub.name, "done", steps_done=result.steps_done)

@@ -351,7 +351,10 @@ class UnlearningTrainerMixin:
                 "update is synthesized); use bf16=True or full precision"
             )
         if getattr(self, "is_deepspeed_enabled", False):
-            raise RetainFirstError("DeepSpeed is not supported by the unlearning trainer; use DDP (torchrun)")
+            raise RetainFirstError(
+                "DeepSpeed is not supported by the unlearning trainer; use DDP (torchrun) or FSDP2 "
+                "(configs/accelerate/fsdp2.yaml, see docs/deepspeed.md)"
+            )
         if getattr(self, "is_fsdp_enabled", False):
             raise RetainFirstError("FSDP is not supported by the unlearning trainer; use DDP (torchrun)")
 
