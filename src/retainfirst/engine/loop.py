@@ -356,7 +356,7 @@ class Unlearner:
             if self.update_space:  # u is already preconditioned: theta -= lr * u (+ weight decay)
                 if cosines is not None:
                     cosines.snapshot(self.params)
-                self.optimizer.optimizer.apply(update)
+                self.optimizer.optimizer.step(update)
             else:
                 write_update(self.params, update)
                 if cfg.clip_enabled:

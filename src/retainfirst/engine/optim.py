@@ -124,7 +124,7 @@ class UpdateSpaceAdamW(Float32AdamW):
     Each step, :meth:`precondition` feeds the forget gradient g_f into (m_f, v_f) and the retain
     gradient g_r into (m_r, v_r) (Adam's EMAs, float32) and returns the bias-corrected directions
     d = m_hat / (sqrt(v_hat) + eps) of both; the synthesizer turns (d_f, d_r) into u and
-    :meth:`apply` moves the weights by -lr * u after decoupled weight decay. With ``retain_only``
+    :meth:`step` moves the weights by -lr * u after decoupled weight decay. With ``retain_only``
     (alpha = 1) this is AdamW on g_r alone; with ``sum`` it is *not* Adam on g_f + g_r: each
     gradient gets its own per-element step size, so neither can drown the other's scale.
     The weights alpha/gamma scale directions, i.e. act as per-side learning-rate multipliers.
@@ -199,8 +199,15 @@ class UpdateSpaceAdamW(Float32AdamW):
         return forget_dirs, retain_dirs
 
     @torch.no_grad()
-    def apply(self, updates: Grads) -> None:
-        """theta <- theta * (1 - lr * weight_decay) - lr * u, computed in the moments' precision."""
+    def step(  # type: ignore[override]
+        self, updates: Grads | None = None, closure: Callable[[], float] | None = None
+    ) -> None:
+        """theta <- theta * (1 - lr * weight_decay) - lr * u, computed in the moments' precision.
+
+        ``updates``: the synthesized u, one tensor (local shard under FSDP2) or None per parameter.
+        """
+        if updates is None or closure is not None:
+            raise RuntimeError("UpdateSpaceAdamW.step takes the synthesized updates (see precondition())")
         pairs = self._params_with_groups()
         if len(updates) != len(pairs):
             raise ValueError(f"expected {len(pairs)} updates, got {len(updates)}")
@@ -216,6 +223,3 @@ class UpdateSpaceAdamW(Float32AdamW):
             work.add_(update.to(dtype), alpha=-lr)
             if work is not local:
                 local.copy_(work)
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        raise RuntimeError("UpdateSpaceAdamW steps through precondition() and apply(), not step()")
