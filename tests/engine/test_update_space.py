@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +232,46 @@ def test_gradient_and_update_space_checkpoints_do_not_mix(worker, tmp_path):
     model, tokenizer, forget, retain = worker.tiny_setup()
     with pytest.raises(RetainFirstError, match="synthesis_space"):
         unlearn(model, tokenizer, forget, retain, config(steps=2), tmp_path, resume=True)
+
+
+@pytest.mark.multiprocess
+def test_update_space_under_fsdp2_matches_one_process(tmp_path):
+    """Two FSDP2 ranks (uneven shards, float64) keep per-shard moments and reduce the norms: same run."""
+    spec = importlib.util.spec_from_file_location(
+        "retainfirst_fsdp2_tests", Path(__file__).with_name("test_fsdp2.py")
+    )
+    fsdp2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fsdp2)
+    for code, err in fsdp2.wait_all(fsdp2.launch(["-c", fsdp2.PROBE]), timeout=120):
+        if code != 0:
+            pytest.skip(f"FSDP2 does not run on CPU/gloo here: {err.strip().splitlines()[-1:]}")
+    common = ["--steps", "3", "--synthesizers", "sago", "--synthesis-space", "update"]
+    procs = fsdp2.launch([str(fsdp2.WORKER), "--out", str(tmp_path / "fsdp"), "--fsdp", *common])
+    for code, err in fsdp2.wait_all(procs):
+        assert code == 0, err[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        args = [
+            "--out",
+            str(tmp_path / "single"),
+            *common,
+            "--forget-batch-size",
+            "4",
+            "--retain-batch-size",
+            "4",
+        ]
+        fsdp2.load_worker().main(args)
+    finally:
+        torch.set_num_threads(threads)
+    sharded, single = (
+        fsdp2.final_weights(tmp_path / "fsdp" / "sago"),
+        fsdp2.final_weights(tmp_path / "single" / "sago"),
+    )
+    for name, tensor in single.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=1e-12, atol=1e-15, msg=name)
+    keys = (*fsdp2.STAT_KEYS, "norm_forget_raw", "norm_retain_raw")
+    for a, b in zip(
+        fsdp2.records(tmp_path / "fsdp" / "sago"), fsdp2.records(tmp_path / "single" / "sago"), strict=True
+    ):
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-6, abs=1e-12)
