@@ -137,12 +137,17 @@ def test_in_run_numbers_go_to_the_trackers_at_their_step(worker, tmp_path, monke
     assert "eval/note" not in logged
 
 
-def test_final_table_is_logged_as_text_and_scalars(tmp_path):
+def test_final_table_is_logged_as_text_and_scalars(tmp_path, offline_wandb):
     rows = [
         {"run": "sum", "forget_score": 0.25, "utility": 97.5, "synthesizer": "sum"},
         {"run": "sago", "forget_score": 0.125, "utility": math.nan, "synthesizer": "sago"},
     ]
-    log_final_table(["tensorboard"], tmp_path, rows)
+    log_final_table(["tensorboard", "wandb"] if HAS_WANDB else ["tensorboard"], tmp_path, rows)
+    if HAS_WANDB:  # a real W&B table too (missing and NaN cells: null)
+        (table,) = tmp_path.glob("wandb/offline-run-*/files/media/table/final_table_table_*.table.json")
+        data = json.loads(table.read_text())
+        assert data["columns"] == ["run", "forget_score", "utility", "synthesizer"]
+        assert data["data"] == [["sum", 0.25, 97.5, "sum"], ["sago", 0.125, None, "sago"]]
     logged = tensorboard_scalars(tmp_path / "retainfirst")
     assert logged == {
         "final/sum/forget_score": [(0, 0.25)],
@@ -151,7 +156,7 @@ def test_final_table_is_logged_as_text_and_scalars(tmp_path):
     }
     (text,) = tensorboard_texts(tmp_path / "retainfirst").values()
     assert text.splitlines()[0] == "| run | forget_score | utility | synthesizer |"
-    assert "| sago | 0.125 | NaN | sago |" in text or "| sago | 0.125 | nan | sago |" in text
+    assert text.splitlines()[2:] == ["| sum | 0.25 | 97.5 | sum |", "| sago | 0.125 | nan | sago |"]
 
 
 def test_unknown_or_missing_trackers_fail_in_one_line(monkeypatch):

@@ -8,8 +8,12 @@
    the accumulation steps, so the gradients are means.
 2. :meth:`Unlearner.apply_update` at the accumulation boundary: average both gradient lists over
    processes, synthesize the update from (forget, retain), write it into ``param.grad``, clip,
-   optimizer step, LR schedule step.
-3. :meth:`Unlearner.run`: log one metrics line per step, checkpoint when due
+   optimizer step, LR schedule step. With ``synthesis_space: update`` each gradient is clipped and
+   preconditioned by its own Adam moments first and the synthesized direction is the step
+   (:class:`~retainfirst.engine.optim.UpdateSpaceAdamW`). With ``log_step_cosines`` the actual
+   weight change is measured against both gradients (engine/step_cosines.py).
+3. :meth:`Unlearner.run`: log one metrics line per step (and to the ``report_to`` trackers, see
+   engine/tracking.py), checkpoint when due
    (:meth:`Unlearner.state_dict` / :meth:`Unlearner.load_state_dict` hold everything a resume needs).
 
 :func:`unlearn` is the public entry point; it builds an :class:`Unlearner` and runs it.

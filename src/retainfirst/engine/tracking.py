@@ -130,7 +130,10 @@ def log_final_table(
     if not report_to or not rows:
         return
     check_trackers(report_to)
+    from accelerate.state import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    PartialState()  # accelerate's trackers log through its logger, which needs the process state
 
     out_dir = Path(out_dir)
     run_name = run_name or f"{out_dir.name}-final"
@@ -155,14 +158,19 @@ def log_final_table(
 
 
 def _cell(value: Any) -> Any:
+    """A table cell W&B accepts: numbers and text as they are, missing or non-finite as None."""
     if isinstance(value, bool | int | str) or (isinstance(value, float) and math.isfinite(value)):
         return value
-    return json.dumps(value) if value is not None else ""
+    if value is None or isinstance(value, float):
+        return None
+    return json.dumps(value)
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
     def text(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(_cell(value))
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(_cell(value))
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(text(row.get(c)) for c in columns) + " |" for row in rows]
