@@ -111,6 +111,7 @@ def config(args: argparse.Namespace, synthesizer: str) -> TrainConfig:
         save_final_model=False,
         weight_decay=0.01,
         max_grad_norm=args.max_grad_norm,
+        synthesis_space=args.synthesis_space,
     )
 
 
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=("run", "save", "load"), default="run")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds after each forget loss")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--synthesis-space", choices=("gradient", "update"), default="gradient")
     args = parser.parse_args(argv)
     if args.mode != "run":
         optimizer_shards(args)

@@ -42,6 +42,7 @@ STEPS = 3
 WEIGHT_TOLERANCE = {"sum": (1e-12, 1e-15), "sago": (1e-12, 1e-15), "pcgrad_global": (1e-6, 1e-9)}
 SHARD_FILES = [f"optimizer_rank{r}.{ext}" for r in (0, 1) for ext in ("json", "safetensors")]
 STAT_KEYS = ("forget_loss", "retain_loss", "norm_forget", "norm_retain", "norm_update", "cos_forget_retain")
+STAT_KEYS += ("cos_step_retain", "cos_step_forget", "norm_step")  # reduced over the shards
 
 PROBE = textwrap.dedent(
     """

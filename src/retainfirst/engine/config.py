@@ -35,6 +35,7 @@ from retainfirst.errors import RetainFirstError
 from retainfirst.io import atomic_write_text
 from retainfirst.registry import Registry
 from retainfirst.validation import (
+    CommaList,
     Int,
     ListAsTuple,
     NonNegativeFloat,
@@ -50,6 +51,7 @@ from retainfirst.validation import (
 LrSchedule = Literal["constant", "linear", "cosine"]
 Optimizer = Literal["adamw"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+SynthesisSpace = Literal["gradient", "update"]
 LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
 MIXED_PRECISION: tuple[str, ...] = typing.get_args(MixedPrecision)
@@ -61,6 +63,11 @@ RESUME_FREE_FIELDS = (
     "log_every",
     "disable_progress",
     "save_final_model",
+    "report_to",
+    "run_name",
+    "tracker_project",
+    "tracker_dir",
+    "log_step_cosines",
 )
 
 # Registry name -> the options that belong to it.
@@ -126,6 +133,14 @@ class TrainConfig(Settings):
     max_length: Annotated[Int, Field(ge=2)] | None = None  # longest example (also capped by the model)
     disable_progress: bool = False
     save_final_model: bool = False  # save_pretrained into out_dir/model at the end
+    # "update": synthesize Adam's two preconditioned directions instead of the raw gradients (optim.py)
+    synthesis_space: SynthesisSpace = "gradient"
+    # cos(weight change, g_r / g_f) of every step; peak memory + ~3 copies of the trainable params
+    log_step_cosines: bool = True
+    report_to: Annotated[list[str], CommaList] = Field(default_factory=list)  # tensorboard, wandb, ...
+    run_name: str | None = None  # the trackers' run name; None = the out_dir's name
+    tracker_project: str = "retainfirst"  # the trackers' project (TensorBoard: a sub-directory)
+    tracker_dir: str | None = None  # where local trackers write; None = the run's out_dir
 
     # ------------------------------------------------------------------------------------------
     @model_validator(mode="before")
@@ -146,6 +161,19 @@ class TrainConfig(Settings):
             except (re.error, TypeError) as exc:
                 raise ValueError(f"has {pattern!r}, which is not a valid regex ({exc})") from None
         return list(value)
+
+    @field_validator("report_to")
+    @classmethod
+    def _usable_trackers(cls, value: list[str]) -> list[str]:
+        from retainfirst.engine.tracking import tracker_problem
+
+        for name in value:
+            problem = tracker_problem(name)
+            if problem is not None:
+                raise ValueError(problem)
+        if len(set(value)) != len(value):
+            raise ValueError("names a tracker twice")
+        return value
 
     @field_validator("lora")
     @classmethod

@@ -8,8 +8,12 @@
    ``accelerator.backward`` divides the losses by the accumulation steps, so the gradients are means.
 2. :meth:`Unlearner.apply_update` at the accumulation boundary: average both gradient lists over
    processes, synthesize the update from (forget, retain), write it into ``param.grad``, clip,
-   optimizer step, LR schedule step.
-3. :meth:`Unlearner.run`: log one metrics line per step, checkpoint when due
+   optimizer step, LR schedule step. With ``synthesis_space: update`` each gradient is clipped and
+   preconditioned by its own Adam moments first and the synthesized direction is the step
+   (:class:`~retainfirst.engine.optim.UpdateSpaceAdamW`). With ``log_step_cosines`` the actual
+   weight change is measured against both gradients (engine/step_cosines.py).
+3. :meth:`Unlearner.run`: log one metrics line per step (and to the ``report_to`` trackers, see
+   engine/tracking.py), checkpoint when due
    (:meth:`Unlearner.state_dict` / :meth:`Unlearner.load_state_dict` hold everything a resume needs).
 
 :func:`unlearn` is the public entry point; it builds an :class:`Unlearner` and runs it.
@@ -22,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +46,7 @@ from retainfirst.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from retainfirst.engine.config import TrainConfig
+from retainfirst.engine.config import RESUME_FREE_FIELDS, TrainConfig
 from retainfirst.engine.fsdp import (
     load_full_model_state,
     load_sharded_optimizer_state,
@@ -61,7 +65,9 @@ from retainfirst.engine.grads import (
 from retainfirst.engine.loss_scale import LossScale
 from retainfirst.engine.metrics import MetricsWriter, truncate_after
 from retainfirst.engine.model_setup import apply_lora, enable_gradient_checkpointing, select_trainable
-from retainfirst.engine.optim import Float32AdamW
+from retainfirst.engine.optim import Float32AdamW, UpdateSpaceAdamW
+from retainfirst.engine.step_cosines import StepCosines
+from retainfirst.engine.tracking import flat_config, init_kwargs, scalars
 from retainfirst.errors import NonFiniteError, RetainFirstError
 
 # Synthesis stats that stay meaningful without a retain gradient (retain_loss none).
@@ -132,7 +138,11 @@ class Unlearner:
         self.out_dir = Path(out_dir)
         self.tokenizer = tokenizer
         self.forget_examples, self.retain_examples = forget_examples, retain_examples
-        acc = self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
+        self.tracker_dir = Path(cfg.tracker_dir) if cfg.tracker_dir else self.out_dir
+        self.run_name = cfg.run_name or self.out_dir.resolve().name
+        acc = self.accelerator = (
+            accelerator if accelerator is not None else make_accelerator(cfg, self.tracker_dir)
+        )
         check_accelerator(acc, cfg)
         self.is_fsdp = acc.distributed_type.value == "FSDP"
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -163,6 +173,7 @@ class Unlearner:
         self.forget_stream = ExampleStream(len(forget_examples), cfg.seed, "forget")
         self.retain_stream = ExampleStream(len(retain_examples), cfg.seed, "retain")
         self.step = 0
+        self.update_space = cfg.synthesis_space == "update"
         # DDP: no backward syncs; both gradient lists are averaged by hand at the boundary.
         # FSDP: every backward reduce-scatters (the gradients are sharded), no manual mean.
         self.manual_mean = self.world > 1 and not self.is_fsdp
@@ -350,37 +361,41 @@ class Unlearner:
             mean_across_ranks(forget_grads, self.world)
             mean_across_ranks(retain_grads, self.world)
         self.loss_scale.unscale(forget_grads, retain_grads)
-
-        synthesis_start = time.perf_counter()
-        update, stats = self.synthesizer.combine(
-            to_local(forget_grads), to_local(retain_grads), all_reduce_fn=self.all_reduce_fn
-        )
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-        synthesis_seconds = time.perf_counter() - synthesis_start
+        forget_local, retain_local = to_local(forget_grads), to_local(retain_grads)
         del forget_grads, retain_grads
-
-        skipped = False
-        for which, key in (("forget gradient", "norm_forget"), ("retain gradient", "norm_retain")):
-            if not math.isfinite(stats[key]):
-                if self.loss_scale.enabled:  # fp16 overflow: skip the step and lower the scale
-                    skipped = True
-                    break
-                raise NonFiniteError(
-                    f"step {step}: the {which} is not finite ({key}={stats[key]}); stopped without "
-                    "applying the step (the last good checkpoint is kept)"
-                )
+        # In gradient space the synthesizer writes u into g_r's storage: the cosines keep a copy.
+        cosines = (
+            StepCosines(forget_local, retain_local, consumed=not self.update_space)
+            if cfg.log_step_cosines
+            else None
+        )
+        if self.update_space:
+            update, stats, skipped, synthesis_seconds = self.synthesize_update_space(
+                forget_local, retain_local, step
+            )
+        else:
+            update, stats, skipped, synthesis_seconds = self.synthesize(forget_local, retain_local, step)
+        del forget_local, retain_local
         self.loss_scale.update(overflow=skipped)
 
         norm_post_clip = stats["norm_update"]
         if not skipped:
-            write_update(self.params, update)
-            if cfg.clip_enabled:
-                total = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-                norm_post_clip = total * min(1.0, cfg.max_grad_norm / (total + 1e-6))
-            self.optimizer.optimizer.step()  # grads are already unscaled and synthesized
+            if self.update_space:  # u is already preconditioned: theta -= lr * u (+ weight decay)
+                if cosines is not None:
+                    cosines.snapshot(self.params)
+                self.optimizer.optimizer.step(update)
+            else:
+                write_update(self.params, update)
+                if cfg.clip_enabled:
+                    total = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+                    norm_post_clip = total * min(1.0, cfg.max_grad_norm / (total + 1e-6))
+                if cosines is not None:
+                    cosines.snapshot(self.params)
+                self.optimizer.optimizer.step()  # grads are already unscaled and synthesized
             self.scheduler.step()  # not after a skipped (fp16 overflow) step, as in accelerate
-        del update
+            if cosines is not None:
+                stats.update(cosines.finish(self.params, self.all_reduce_fn))
+        del update, cosines
         for p in self.params:
             p.grad = None
         self.step = step
@@ -401,6 +416,62 @@ class Unlearner:
         if skipped:
             record["skipped_overflow"] = True
         return record
+
+    def synthesize(
+        self, forget: Grads, retain: Grads, step: int
+    ) -> tuple[Grads, dict[str, Any], bool, float]:
+        """Gradient space: (update, stats, skipped for fp16 overflow, seconds) from the raw gradients."""
+        synthesis_start = time.perf_counter()
+        update, stats = self.synthesizer.combine(forget, retain, all_reduce_fn=self.all_reduce_fn)
+        synthesis_seconds = self._synchronized_seconds(synthesis_start)
+        norms = (stats["norm_forget"], stats["norm_retain"])
+        skipped = self._non_finite_skips(norms, ("norm_forget", "norm_retain"), step)
+        return update, stats, skipped, synthesis_seconds
+
+    def synthesize_update_space(
+        self, forget: Grads, retain: Grads, step: int
+    ) -> tuple[Grads, dict[str, Any], bool, float]:
+        """Update space: clip each gradient, precondition it by its own Adam moments, synthesize those.
+
+        Clipping scales each raw gradient to at most ``max_grad_norm`` before its moments see it
+        (as AdamW's inputs are clipped), so ``retain_only`` here is AdamW with clipping on g_r. The
+        synthesis stats (``norm_forget``, ``cos_forget_retain``, ...) then describe the two Adam
+        directions; the raw gradients' norms are ``norm_forget_raw`` / ``norm_retain_raw``.
+        """
+        cfg = self.cfg
+        norms = squared_norms([forget, retain], self.all_reduce_fn)
+        norms = (math.sqrt(norms[0]), math.sqrt(norms[1]))
+        raw = {"norm_forget_raw": norms[0], "norm_retain_raw": norms[1]}
+        if self._non_finite_skips(norms, tuple(raw), step):  # before the moments see them
+            return [None] * len(forget), {**raw, "norm_update": math.nan}, True, 0.0
+        scales = [min(1.0, cfg.max_grad_norm / (norm + 1e-6)) if cfg.clip_enabled else 1.0 for norm in norms]
+        forget_dirs, retain_dirs = self.optimizer.optimizer.precondition(forget, retain, *scales)
+        synthesis_start = time.perf_counter()
+        update, stats = self.synthesizer.combine(forget_dirs, retain_dirs, all_reduce_fn=self.all_reduce_fn)
+        synthesis_seconds = self._synchronized_seconds(synthesis_start)
+        return update, {**stats, **raw}, False, synthesis_seconds
+
+    def _synchronized_seconds(self, start: float) -> float:
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def _non_finite_skips(self, norms: Sequence[float], keys: Sequence[str], step: int) -> bool:
+        """True (skip the step, lower the fp16 scale) for a non-finite norm under fp16, else raise."""
+        for which, key, value in zip(("forget gradient", "retain gradient"), keys, norms, strict=True):
+            if not math.isfinite(value):
+                if self.loss_scale.enabled:  # fp16 overflow: skip the step and lower the scale
+                    return True
+                raise NonFiniteError(
+                    f"step {step}: the {which} is not finite ({key}={value}); stopped without "
+                    "applying the step (the last good checkpoint is kept)"
+                )
+        return False
+
+    def track(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Log extra numbers (e.g. an in-run evaluation) to the trackers, at ``step`` (default: now)."""
+        if self.accelerator.is_main_process and self.accelerator.trackers:
+            self.accelerator.log(scalars(values), step=self.step if step is None else step)
 
     def optimizer_step(self) -> dict[str, Any]:
         """One optimizer step: ``gradient_accumulation_steps`` micro-steps, then the update."""
@@ -461,7 +532,13 @@ class Unlearner:
             else:
                 metrics_path.unlink(missing_ok=True)
         acc.wait_for_everyone()
-        metrics = MetricsWriter(metrics_path, enabled=acc.is_main_process)
+        if cfg.report_to and acc.is_main_process:
+            acc.init_trackers(
+                cfg.tracker_project,
+                config=flat_config({"run_name": self.run_name, **cfg.to_dict()}),
+                init_kwargs=init_kwargs(self.run_name, self.tracker_dir),
+            )
+        metrics = MetricsWriter(metrics_path, enabled=acc.is_main_process, accelerator=acc)
         checkpointer = CheckpointWriter(self.checkpoints_dir, acc, keep=cfg.keep_checkpoints)
         final_checkpoint = self.resume_from
         progress = tqdm(
@@ -498,8 +575,28 @@ class Unlearner:
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with float32 moments (see engine/optim.py), whatever the parameter dtype."""
-    return Float32AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    """AdamW with float32 moments (see engine/optim.py), whatever the parameter dtype; with
+    ``synthesis_space: update`` one moment set per gradient."""
+    cls = UpdateSpaceAdamW if cfg.synthesis_space == "update" else Float32AdamW
+    return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def squared_norms(
+    grad_lists: Sequence[Grads], all_reduce_fn: Callable[[Tensor], Tensor] | None
+) -> list[float]:
+    """Squared L2 norm of each gradient list (float32 per tensor, float64 totals, summed over shards)."""
+    present = [g for grads in grad_lists for g in grads if g is not None]
+    device = present[0].device if present else torch.device("cpu")
+    sums = torch.zeros(len(grad_lists), dtype=torch.float64, device=device)
+    for index, grads in enumerate(grad_lists):
+        for g in grads:
+            if g is not None:
+                flat = g.reshape(-1).to(torch.promote_types(g.dtype, torch.float32))
+                sums[index] += torch.dot(flat, flat).double()
+    if all_reduce_fn is not None:
+        sums = all_reduce_fn(sums)
+    return sums.cpu().tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,8 +634,11 @@ def save_model(
     return model
 
 
-def make_accelerator(cfg: TrainConfig) -> Any:
-    """An Accelerator for ``cfg``; a process-wide state left with another precision is reset first."""
+def make_accelerator(cfg: TrainConfig, tracker_dir: str | Path | None = None) -> Any:
+    """An Accelerator for ``cfg``; a process-wide state left with another precision is reset first.
+
+    With ``cfg.report_to`` it logs to those trackers; local ones write under ``tracker_dir``.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -551,6 +651,8 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=multi_cpu,
+        log_with=list(cfg.report_to) or None,
+        project_dir=str(tracker_dir) if cfg.report_to and tracker_dir is not None else None,
     )
 
 
@@ -571,6 +673,12 @@ def check_accelerator(accelerator: Any, cfg: TrainConfig) -> None:
             f"{cfg.gradient_accumulation_steps}; create Accelerator(gradient_accumulation_steps="
             f"{cfg.gradient_accumulation_steps}) or pass accelerator=None"
         )
+    missing = sorted(set(cfg.report_to) - {str(t) for t in getattr(accelerator, "log_with", [])})
+    if missing:
+        raise RetainFirstError(
+            f"the accelerator does not log to {missing} (train config report_to); create "
+            f"Accelerator(log_with={list(cfg.report_to)}, project_dir=...) or pass accelerator=None"
+        )
     if accelerator.mixed_precision != cfg.mixed_precision:
         raise RetainFirstError(
             f"the accelerator uses mixed_precision={accelerator.mixed_precision!r} but the config says "
@@ -581,7 +689,9 @@ def check_accelerator(accelerator: Any, cfg: TrainConfig) -> None:
 def check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path, world: int) -> None:
     """A resumed run must use the settings that wrote its checkpoint, or it silently becomes another run."""
     try:
-        previous = TrainConfig.from_dict(saved["config"]).training_fields()
+        # Fields that change no number are not validated (a tracker may since have been uninstalled).
+        kept = {k: v for k, v in saved["config"].items() if k not in RESUME_FREE_FIELDS}
+        previous = TrainConfig.from_dict(kept).training_fields()
         saved_world = int(saved["num_processes"])
     except (KeyError, TypeError, ValueError) as exc:
         raise RetainFirstError(

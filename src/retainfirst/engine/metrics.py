@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from retainfirst.engine.tracking import finish_trackers, scalars
 from retainfirst.io import atomic_write_text
 
 
@@ -24,22 +25,32 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records to ``path`` (main process only; other ranks get a writer that does nothing)."""
+    """Appends records to ``path`` (main process only; other ranks get a writer that does nothing).
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    With an ``accelerator`` whose trackers were started (``init_trackers``), every record also goes
+    to them, with the same numbers and its ``step``; :meth:`close` finishes those trackers.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, accelerator: Any = None) -> None:
         self.path = path
         self._file = open(path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115 - closed in close()
+        self._accelerator = accelerator if enabled and getattr(accelerator, "trackers", None) else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
         self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
         self._file.flush()
+        if self._accelerator is not None:
+            self._accelerator.log(scalars(record), step=record.get("step"))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._accelerator is not None:
+            accelerator, self._accelerator = self._accelerator, None
+            finish_trackers(accelerator)
 
 
 def truncate_after(path: Path, step: int) -> None:

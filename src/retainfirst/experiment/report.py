@@ -158,8 +158,8 @@ def write_report(
         ).name,
         "Pareto front: forgetting vs utility": plot_pareto(runs, out / "pareto.png", before=before).name,
         "Per-step losses and cosines": plot_training_curves(merged, out / "training_curves.png").name,
-        "Final cos(update, retain) vs utility recovery": plot_cos_vs_recovery(
-            runs, out / "cos_vs_recovery.png"
+        "Cosines over training (mean, minimum) vs utility recovery": plot_cos_vs_recovery(
+            runs, out / "cos_vs_recovery.png", records=merged
         ).name,
     }
     payload = {

@@ -326,6 +326,12 @@ class _Runner:
             rerun=rerun_command(out, self.sweep, rundir.status.get("grid", [])),
             evidence=self.evidence,
         )
+        trackers = sorted({name for sub in self.plan for name in sub.train.report_to})
+        if trackers:  # the final table goes to the same trackers as the per-step metrics
+            from retainfirst.engine import log_final_table
+
+            columns = ("name", "family", "forget_score", "utility")
+            log_final_table(trackers, out, [{k: r.get(k) for k in columns} for r in report["runs"]])
         rundir.status["state"] = "done"
         rundir.status.pop("error", None)
         rundir.save()

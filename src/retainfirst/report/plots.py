@@ -1,4 +1,4 @@
-"""Plots of a run directory: Pareto fronts, per-step training curves, cos(update, retain) vs recovery.
+"""Plots of a run directory: Pareto fronts, per-step training curves, cosines over training vs recovery.
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend state), so
 plotting works headless and from threads, and each PNG is written atomically.
@@ -24,8 +24,16 @@ CURVE_METRICS: dict[str, str] = {
     "retain_loss": "retain loss",
     "cos_forget_retain": "cos(g_f, g_r)",
     "cos_update_retain": "cos(update, g_r)",
+    "cos_step_retain": "cos(weight change, g_r)",
+    "cos_step_forget": "cos(weight change, g_f)",
     "conflict_fraction": "conflict fraction",
     "eval/forget": "forget score (in-run evaluation)",
+}
+
+# The cosines of plot_cos_vs_recovery: the synthesizer's update u and the optimizer's actual step.
+RECOVERY_COSINES: dict[str, str] = {
+    "cos_update_retain": "cos(update u, g_r)",
+    "cos_step_retain": "cos(weight change, g_r)",
 }
 
 
@@ -137,32 +145,82 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def cosine_ranges(
+    records: Iterable[Mapping[str, Any]], stats: Iterable[str] = RECOVERY_COSINES
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per run (``run`` key of each metrics record) and stat: (mean, minimum) over its training steps.
+
+    Steps without a finite value are left out; a run without any has no entry for that stat.
+    """
+    values: dict[str, dict[str, list[float]]] = {}
+    wanted = list(stats)
+    for rec in records:
+        run = values.setdefault(str(rec.get("run", "run")), {})
+        for stat in wanted:
+            if _number(rec.get(stat)):
+                run.setdefault(stat, []).append(float(rec[stat]))
+    return {
+        run: {stat: (math.fsum(xs) / len(xs), min(xs)) for stat, xs in per_stat.items()}
+        for run, per_stat in values.items()
+    }
+
+
 def plot_cos_vs_recovery(
     runs: Sequence[RunSummary],
     path: str | Path,
-    stat: str = "cos_update_retain",
-    title: str = "Final cos(update, retain) vs utility recovery",
+    records: Iterable[Mapping[str, Any]] | None = None,
+    title: str = "Cosines over training vs utility recovery",
 ) -> Path:
-    """Does keeping the update aligned with the retain gradient predict how much utility survives?"""
-    fig = Figure(figsize=(6.4, 4.8))
-    ax = fig.add_subplot()
-    colors = _colors(r.family for r in runs)
-    for fam, color in colors.items():
-        pts = [
-            (r.final_stats.get(stat), r.utility, r.name)
+    """Does keeping the update (and the weight change) aligned with g_r predict how much utility survives?
+
+    ``records``: the per-step metrics of every run (metrics.jsonl lines with a ``run`` key, as for
+    :func:`plot_training_curves`). One panel per cosine in :data:`RECOVERY_COSINES`: each run is a
+    dot at its mean over training and a triangle at its minimum, joined by a line, at its utility.
+    A single step's value says little (a run can end positive after many negative steps). Without
+    ``records`` (older callers) each run's last logged value is drawn instead.
+    """
+    return _save(cos_vs_recovery_figure(runs, records, title), path)
+
+
+def cos_vs_recovery_figure(
+    runs: Sequence[RunSummary], records: Iterable[Mapping[str, Any]] | None, title: str
+) -> Figure:
+    """The figure of :func:`plot_cos_vs_recovery` (one axes per cosine, in RECOVERY_COSINES order)."""
+    if records is None:
+        ranges = {
+            r.name: {s: (r.final_stats[s], r.final_stats[s]) for s in RECOVERY_COSINES if s in r.final_stats}
             for r in runs
-            if r.family == fam and _finite(r.final_stats.get(stat), r.utility)
-        ]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=fam, zorder=3)
-        for x, y, name in pts:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(f"final {stat}")
-    ax.set_ylabel("utility: mean recovery %")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if colors:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+        }
+    else:
+        ranges = cosine_ranges(records)
+    fig = Figure(figsize=(11.0, 4.6), layout="constrained")
+    colors = _colors(r.family for r in runs)
+    for k, (stat, label) in enumerate(RECOVERY_COSINES.items()):
+        ax = fig.add_subplot(1, len(RECOVERY_COSINES), k + 1)
+        for fam, color in colors.items():
+            shown = False
+            for run in runs:
+                mean, low = ranges.get(run.name, {}).get(stat, (math.nan, math.nan))
+                if run.family != fam or not _finite(mean, low, run.utility):
+                    continue
+                ax.plot([low, mean], [run.utility, run.utility], color=color, alpha=0.5, linewidth=1)
+                ax.scatter(
+                    [mean], [run.utility], color=color, marker="o", zorder=3, label=None if shown else fam
+                )
+                ax.scatter([low], [run.utility], color=color, marker="v", zorder=3)
+                ax.annotate(
+                    run.name, (mean, run.utility), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+                shown = True
+        ax.axvline(0.0, color="grey", linestyle=":", linewidth=1)
+        what = "last step" if records is None else "o mean, \u25bd minimum over training"
+        ax.set_xlabel(f"{label} ({what})")
+        ax.set_ylabel("utility: mean recovery %")
+        ax.grid(alpha=0.3)
+        if colors and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
 
 
 def plot_matched(
