@@ -147,7 +147,8 @@ def log_final_table(
         cls = LOGGER_TYPE_TO_CLASS[name]
         extra = options.get(name, {})
         tracker = cls(project, out_dir, **extra) if cls.requires_logging_directory else cls(project, **extra)
-        tracker.start()
+        if hasattr(tracker, "start"):  # accelerate >= 1.8 starts trackers lazily; older ones in __init__
+            tracker.start()
         try:
             tracker.log(values, step=0)
             if hasattr(tracker, "log_table"):
