@@ -138,6 +138,21 @@ def gramian_factor(gramian: Tensor) -> Tensor:
     return eigenvectors * eigenvalues.clamp(min=0).sqrt()
 
 
+class ProjectorOptions(TorchJDOptions):
+    """Options of the two aggregators that project onto a dual cone with quadprog (upgrad, dualproj)."""
+
+    packages: ClassVar[tuple[str, ...]] = _QUADPROG
+    pref_vector: PreferenceVector | None = None
+    norm_eps: NonNegativeFloat = 1e-4
+    reg_eps: NonNegativeFloat = 1e-4
+
+
+def _projector(options: ProjectorOptions) -> Any:
+    from torchjd.linalg import QuadprogProjector
+
+    return QuadprogProjector(norm_eps=options.norm_eps, reg_eps=options.reg_eps)
+
+
 @register_synthesizer("upgrad")
 class UPGradSynthesizer(TorchJDSynthesizer):
     """UPGrad (Quinton & Rey, 2024): each row projected onto the dual cone of both, then combined.
@@ -147,19 +162,12 @@ class UPGradSynthesizer(TorchJDSynthesizer):
     projected rows (default the mean), ``norm_eps`` and ``reg_eps`` of torchjd's quadprog projector.
     """
 
-    class Options(TorchJDOptions):
-        packages: ClassVar[tuple[str, ...]] = _QUADPROG
-        pref_vector: PreferenceVector | None = None
-        norm_eps: NonNegativeFloat = 1e-4
-        reg_eps: NonNegativeFloat = 1e-4
+    Options = ProjectorOptions
 
     def build_weighting(self) -> GramianWeighting:
         from torchjd.aggregation import UPGradWeighting
-        from torchjd.linalg import QuadprogProjector
 
-        options = self.options
-        projector = QuadprogProjector(norm_eps=options.norm_eps, reg_eps=options.reg_eps)
-        return UPGradWeighting(_preference(options.pref_vector), projector=projector)
+        return UPGradWeighting(_preference(self.options.pref_vector), projector=_projector(self.options))
 
 
 @register_synthesizer("dualproj")
@@ -169,19 +177,12 @@ class DualProjSynthesizer(TorchJDSynthesizer):
     Options as for ``upgrad``: ``pref_vector``, ``norm_eps``, ``reg_eps``.
     """
 
-    class Options(TorchJDOptions):
-        packages: ClassVar[tuple[str, ...]] = _QUADPROG
-        pref_vector: PreferenceVector | None = None
-        norm_eps: NonNegativeFloat = 1e-4
-        reg_eps: NonNegativeFloat = 1e-4
+    Options = ProjectorOptions
 
     def build_weighting(self) -> GramianWeighting:
         from torchjd.aggregation import DualProjWeighting
-        from torchjd.linalg import QuadprogProjector
 
-        options = self.options
-        projector = QuadprogProjector(norm_eps=options.norm_eps, reg_eps=options.reg_eps)
-        return DualProjWeighting(_preference(options.pref_vector), projector=projector)
+        return DualProjWeighting(_preference(self.options.pref_vector), projector=_projector(self.options))
 
 
 @register_synthesizer("mgda")
