@@ -401,3 +401,23 @@ def test_release_formatting_switches(tmp_path):
     assert read_raw_lines(corpus) == ['{"text": "a"}', '{"text": "b", "doi": 1}']
     with pytest.raises(RetainFirstError):
         read_raw_lines(tmp_path / "missing.jsonl")
+
+
+def test_runs_of_one_family_that_differ_carry_their_differences_as_settings():
+    runs = {
+        "sum": {"synthesizer": "sum"},
+        "sum-alpha1": {"synthesizer": "sum", "alpha": 1.0},
+        "sum-slow": {"synthesizer": "sum", "alpha": 1.0, "lr": 1e-5},
+        "sago": {"synthesizer": "sago", "alpha": 0.5},
+    }
+    config = load_config(None, [f"runs={json.dumps(runs)}"])
+    plan = plan_runs(config)
+    assert [(s.name, s.settings) for s in plan] == [
+        ("sum", {"lr": 5e-5, "alpha": 0.1}),
+        ("sum-alpha1", {"lr": 5e-5, "alpha": 1.0}),
+        ("sum-slow", {"lr": 1e-5, "alpha": 1.0}),
+        ("sago", {}),  # alone in its family: nothing to tell apart
+    ]
+    # seeds are not settings: the seeded copies of one entry stay one configuration
+    seeded = load_config(None, [f"runs={json.dumps(runs)}", "seeds=[0,1]"])
+    assert all("seed" not in s.settings for s in plan_runs(seeded))

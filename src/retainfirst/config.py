@@ -634,6 +634,28 @@ def _plan_explicit(config: RunConfig, axes: Grid) -> list[SubRun]:
                     epochs=epochs,
                 )
             )
+    return _with_family_differences(runs)
+
+
+def _with_family_differences(runs: list[SubRun]) -> list[SubRun]:
+    """Entries of one family that differ in training settings (``sum`` and ``sum`` with alpha 0.5)
+    carry those settings, so the report draws them as one family's curve instead of merging them as
+    seeds of one configuration. The seed is not a setting (seeds are added later, by ``seeds``)."""
+    by_family: dict[str, list[int]] = {}
+    for index, run in enumerate(runs):
+        by_family.setdefault(run.family, []).append(index)
+    for members in by_family.values():
+        if len(members) < 2:
+            continue
+        trains = [to_dict(runs[i].train) for i in members]
+        varied = [
+            key
+            for key in trains[0]
+            if key not in ("seed", "run_name") and len({repr(t.get(key)) for t in trains}) > 1
+        ]
+        for i, train in zip(members, trains, strict=True):
+            differences = {key: train[key] for key in varied}
+            runs[i] = runs[i].model_copy(update={"settings": {**differences, **runs[i].settings}})
     return runs
 
 

@@ -561,6 +561,51 @@ def test_mmlu_subset_spec_draws_per_subject(bench):
 
 
 # ----------------------------------------------------------------------------------------------
+# The benchmark shipped for the embedded model
+
+
+def _demo_build_options() -> dict:
+    """The build options the runner passes for the default config (experiment/prepare.py)."""
+    from retainfirst.config import RunConfig
+
+    data = RunConfig().data
+    return {
+        "n_forget": data.n_forget,
+        "n_retain": data.n_retain,
+        "n_heldout": data.n_heldout,
+        "n_general": data.n_general,
+    }
+
+
+def _shipped_demo_benchmark():
+    path = build_module.prebuilt_benchmark_path(
+        "smollm2-135m",
+        build_module.benchmark_cache_path("smollm2-135m", 0, "/unused", **_demo_build_options()).name,
+    )
+    assert path is not None
+    return path
+
+
+def test_the_demo_benchmark_ships_prebuilt_and_is_used_without_the_model(tmp_path, monkeypatch):
+    shipped = _shipped_demo_benchmark()
+    assert shipped.is_file(), f"{shipped.name}: rebuild it (the demo's build options or version changed)"
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the shipped benchmark should have been used")
+
+    monkeypatch.setattr(build_module, "build_fact_benchmark", no_build)
+    bench = load_or_build_fact_benchmark(
+        None, None, "smollm2-135m", seed=0, cache_dir=tmp_path, **_demo_build_options()
+    )
+    assert bench.to_dict() == FactBenchmark.load(shipped).to_dict()
+    assert [p.name for p in tmp_path.iterdir()] == [shipped.name]  # and it is cached like a build
+    # only the embedded model has one: another model id or seed builds
+    assert build_module.prebuilt_benchmark_path("someone/other-model", shipped.name) is None
+    with pytest.raises(AssertionError, match="should have been used"):
+        load_or_build_fact_benchmark(None, None, "smollm2-135m", seed=1, cache_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
 # The real model
 
 
@@ -569,14 +614,18 @@ def test_smollm2_knows_the_kept_facts(smollm2):
     from retainfirst.evals.generation import evaluate_generation
 
     model, tokenizer = smollm2
-    bench = build_fact_benchmark(
-        model, tokenizer, seed=0, n_forget=12, n_retain=12, model_name="smollm2-135m"
-    )
+    options = _demo_build_options()
+    bench = build_fact_benchmark(model, tokenizer, seed=0, model_name="smollm2-135m", **options)
+    # the benchmark shipped for the embedded model is exactly what the model builds
+    shipped = FactBenchmark.load(_shipped_demo_benchmark()).to_dict()
+    built = bench.to_dict()
+    shipped["stats"].pop("build_seconds"), built["stats"].pop("build_seconds")
+    assert built == shipped
     assert bench.stats["prompt_format"] == "chat"
     for name, counts in bench.stats["families"].items():
         assert counts["kept"] >= 3, (name, counts)
         assert min(counts["forget"], counts["retain"], counts["heldout"]) >= 1, (name, counts)
-    assert len(bench.forget_facts) == len(bench.retain_facts) == len(bench.heldout_facts) == 12
+    assert len(bench.forget_facts) == len(bench.retain_facts) == len(bench.heldout_facts) == 16
     assert len(bench.general_facts) >= 50
     settings = bench.eval_settings
     assert settings == {"prompt_format": "chat", "rouge_tokenization": "rouge_score", "max_new_tokens": 16}
