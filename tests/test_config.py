@@ -305,7 +305,19 @@ def test_every_shipped_config_validates(path):
 
 def test_demo_yaml_is_the_default():
     demo = next(p for p in CONFIGS if p.stem == "demo")
-    assert to_dict(load_config(demo)) == to_dict(RunConfig())
+    assert to_dict(load_config(demo)) == to_dict(load_config())
+
+
+def test_the_demo_preset_applies_only_without_a_config_file(tmp_path):
+    demo = load_config()
+    assert demo.stop.forget_below is not None and demo.eval.eval_every > 0
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: smollm2-135m\n")
+    mine = load_config(path)  # a file starts from the plain defaults: no inherited stopping rule
+    assert mine.stop.forget_below is None and mine.eval.eval_every == 0
+    assert mine.train == RunConfig().train
+    # overrides go on top of the preset
+    assert load_config(None, ["stop.forget_below=0.3"]).stop.forget_below == 0.3
 
 
 def test_paper_hyperparameters_in_recipes():
