@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--benchmark", help="a saved facts benchmark JSON (default: the demo's cached build)")
+    parser.add_argument("--families", help="comma-separated probe families (default: all)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
@@ -68,14 +69,19 @@ def main() -> None:
         "add_special_tokens": resolved == "raw",
     }
     prompts = family_prompts(bench, tokenizer, settings)
+    if args.families:
+        prompts = {name: prompts[name] for name in args.families.split(",")}
     total = sum(len(texts) for texts in prompts.values())
     threads = torch.get_num_threads()
-    print(f"{total} probes in {len(prompts)} families; options {options}; torch threads {threads}")
+    print(
+        f"{total} probes in {len(prompts)} families; options {options}; torch threads {threads}", flush=True
+    )
 
     warmup = {name: texts[:4] for name, texts in list(prompts.items())[:1]}
     run(model, tokenizer, warmup, options, share=False)
     run(model, tokenizer, warmup, options, share=True)
     plain_s, plain = run(model, tokenizer, prompts, options, share=False)
+    print(f"plain  {plain_s:7.1f} s", flush=True)
     shared_s, shared = run(model, tokenizer, prompts, options, share=True)
 
     differ = [
@@ -84,7 +90,6 @@ def main() -> None:
         for index in range(len(prompts[family]))
         if plain[family][index] != shared[family][index]
     ]
-    print(f"plain  {plain_s:7.1f} s")
     print(f"shared {shared_s:7.1f} s   ratio plain/shared {plain_s / shared_s:.2f}")
     print(f"answers that differ: {len(differ)} of {total}")
     for family, index, prompt, before, after in differ:
