@@ -183,3 +183,99 @@ def test_smollm2_answers_known_facts_in_rwku_chat_format(smollm2):
     assert result.settings["prompt_example"].endswith("<|im_start|>assistant\nAnswer:")
     assert result.metrics["rougeL_recall"] == 1.0, result.samples
     assert tokenizer.padding_side == padding_side
+
+
+SHARED_PREFIX = (
+    "System: you are a helpful assistant.\nPlease briefly answer the following question.\nQuestion: "
+)
+SUFFIXES = ["What is the capital of France?", "Hi", "Who wrote Hamlet? Answer:", "2+2=", "Name a color"]
+
+
+@pytest.fixture
+def float64_model(byte_tokenizer):
+    from retainfirst.models import build_tiny_llama
+
+    return build_tiny_llama(len(byte_tokenizer), seed=0, dtype=torch.float64)
+
+
+def forward_shapes(model):
+    """Records the input_ids shape of every model forward (the hook handle removes it)."""
+    shapes: list[tuple[int, ...]] = []
+
+    def record(module, args, kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+
+    return shapes, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("stop_at_newline", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 3, len(SUFFIXES)])
+def test_shared_prefix_gives_the_plain_answers(float64_model, byte_tokenizer, batch_size, stop_at_newline):
+    assert byte_tokenizer.pad_token_id == byte_tokenizer.eos_token_id
+    prompts = [SHARED_PREFIX + suffix for suffix in SUFFIXES]
+    options = {"max_new_tokens": 8, "batch_size": batch_size, "stop_at_newline": stop_at_newline}
+    plain = generate_greedy(float64_model, byte_tokenizer, prompts, share_prefix=False, **options)
+    shapes, hook = forward_shapes(float64_model)
+    shared = generate_greedy(float64_model, byte_tokenizer, prompts, **options)
+    hook.remove()
+    assert shared == plain
+    assert len(set(plain)) > 1
+    prefix_length = len(byte_tokenizer(SHARED_PREFIX)["input_ids"])
+    # the prefix runs once (batch 1), then every batch's prefill feeds only the tokens after it
+    assert shapes[0] == (1, prefix_length)
+    assert sum(1 for shape in shapes if shape[0] == 1 and shape[1] >= prefix_length) == 1
+    prefills = [shape for shape in shapes if shape[1] > 1 and shape != shapes[0]]
+    longest_suffix = max(len(byte_tokenizer(s, add_special_tokens=False)["input_ids"]) for s in SUFFIXES)
+    assert prefills and all(width <= longest_suffix for _, width in prefills)
+
+
+def test_shared_prefix_with_pad_as_eos_and_early_stops(float64_model, byte_tokenizer):
+    # the model's favourite first tokens become end-of-sequence/newline: rows stop at different steps
+    prompts = [SHARED_PREFIX + suffix for suffix in SUFFIXES]
+    first = generate_greedy(float64_model, byte_tokenizer, prompts, max_new_tokens=1, share_prefix=False)
+    newline = byte_tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        bias = torch.zeros(float64_model.config.vocab_size, dtype=torch.float64)
+        bias[newline] = bias[byte_tokenizer.eos_token_id] = 0.5
+        float64_model.lm_head.bias = torch.nn.Parameter(bias)
+    for stop_at_newline in (True, False):
+        options = {"max_new_tokens": 10, "batch_size": 5, "stop_at_newline": stop_at_newline}
+        plain = generate_greedy(float64_model, byte_tokenizer, prompts, share_prefix=False, **options)
+        assert generate_greedy(float64_model, byte_tokenizer, prompts, **options) == plain
+    assert first  # the plain path ran
+
+
+def test_no_common_prefix_falls_back_to_plain_batches(float64_model, byte_tokenizer):
+    prompts = ["The capital of France is", "Hi", "Who wrote Hamlet? A:"]
+    plain = generate_greedy(float64_model, byte_tokenizer, prompts, max_new_tokens=6, share_prefix=False)
+    shapes, hook = forward_shapes(float64_model)
+    shared = generate_greedy(float64_model, byte_tokenizer, prompts, max_new_tokens=6)
+    hook.remove()
+    assert shared == plain
+    longest = max(len(byte_tokenizer(p)["input_ids"]) for p in prompts)
+    assert shapes[0] == (3, longest)
+
+
+def test_short_common_prefix_or_zero_minimum_runs_plain(float64_model, byte_tokenizer):
+    prompts = [SHARED_PREFIX + suffix for suffix in SUFFIXES[:3]]
+    longest = max(len(byte_tokenizer(p)["input_ids"]) for p in prompts)
+    for options in ({"min_shared_prefix": 0}, {"min_shared_prefix": 500}, {"share_prefix": False}):
+        shapes, hook = forward_shapes(float64_model)
+        generate_greedy(float64_model, byte_tokenizer, prompts, max_new_tokens=2, **options)
+        hook.remove()
+        assert shapes[0] == (3, longest), options
+
+
+def test_model_without_plain_cache_falls_back(float64_model, byte_tokenizer, monkeypatch):
+    prompts = [SHARED_PREFIX + suffix for suffix in SUFFIXES]
+    plain = generate_greedy(float64_model, byte_tokenizer, prompts, max_new_tokens=4, share_prefix=False)
+    forward = float64_model.forward
+
+    def forward_without_cache(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        if kwargs.get("logits_to_keep") == 1 and kwargs["input_ids"].shape[0] == 1:
+            output.past_key_values = None  # as a model that returns no cache
+        return output
+
+    monkeypatch.setattr(float64_model, "forward", forward_without_cache)
+    assert generate_greedy(float64_model, byte_tokenizer, prompts, max_new_tokens=4) == plain

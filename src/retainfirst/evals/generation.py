@@ -14,9 +14,12 @@ Protocol (mirrors RWKU's ``eval_forget.py``; every choice is recorded in ``EvalR
   prefix. Prompt format ``"raw"`` feeds ``Probe.prompt`` as is (base models, custom templates);
   ``"auto"`` picks ``"chat"`` when the tokenizer has a chat template, else ``"raw"``.
 * Greedy decoding, batched with left padding, at most ``max_new_tokens`` new tokens (RWKU uses
-  30; we default to 32). Only the new tokens are decoded. With ``stop_at_newline`` (default, as
-  RWKU, whose stop tokens are ``"\\n"`` and ``" \\n"``) the answer is cut at its first newline,
-  so an answer that *starts* with a newline is empty, as in RWKU. The answer is then stripped.
+  30; we default to 32). Only the new tokens are decoded. The token prefix common to a batch's
+  prompts (chat system prompt + instruction, ~35 of ~53 tokens) is encoded once and its KV cache
+  shared by the batch (``share_prefix``); answers are the same as without sharing. With
+  ``stop_at_newline`` (default, as RWKU, whose stop tokens are ``"\\n"`` and ``" \\n"``) the
+  answer is cut at its first newline, so an answer that *starts* with a newline is empty, as in
+  RWKU. The answer is then stripped.
 * Score: ROUGE-L recall (``rouge_score``'s LCS, no stemming) between the generated answer and the
   gold answer, averaged over probes (RWKU averages per-item scores). RWKU computes it with the
   ``rouge`` package, which is case-sensitive and splits words on whitespace and sentences on
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from rouge_score import rouge_scorer, tokenizers
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
 
 from retainfirst.data.probes import Probe
 from retainfirst.errors import RetainFirstError
@@ -50,6 +54,9 @@ IN_CONTEXT_QUESTION = "Please briefly answer the following question.\n{query}\n"
 AFFIRMATIVE_SUFFIX_QUESTION = "Please briefly answer the following question.\nQuestion: {query}"
 ANSWER_CUE = "Answer:"
 MAX_SAMPLES = 50
+# Fewest common prefix tokens worth a shared KV cache: below that, the extra batch-1 prefix forward
+# costs about what it saves.
+MIN_SHARED_PREFIX = 8
 
 
 class RwkuRougeTokenizer(tokenizers.Tokenizer):
@@ -153,12 +160,21 @@ def generate_greedy(
     stop_at_newline: bool = True,
     add_special_tokens: bool = True,
     progress: bool = False,
+    share_prefix: bool = True,
+    min_shared_prefix: int = MIN_SHARED_PREFIX,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (new tokens only, stripped), batched with left padding.
 
     Prompts are processed longest first (less padding); outputs come back in input order. Rows stop
     independently at an end-of-sequence token (pad == eos is fine: only the attention mask marks
     padding) and, with ``stop_at_newline``, at their first newline.
+
+    With ``share_prefix``, a token prefix common to a batch's prompts (at least ``min_shared_prefix``
+    tokens; 0 disables) is encoded once (batch 1) and its KV cache shared by the batch, which saves
+    most of the prefill for chat-formatted probes. Padding then sits between the prefix and each
+    suffix; the attention mask marks it, so every real token keeps its position and its attention
+    as in the plain left-padded batch. Models whose cache is not a plain ``DynamicCache`` fall back
+    to plain batches.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise RetainFirstError("max_new_tokens and batch_size must be at least 1")
@@ -174,8 +190,8 @@ def generate_greedy(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_ids or None,
     )
-    lengths = [len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
+    token_ids = [list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(token_ids[i]), i))
     outputs: list[str] = [""] * len(prompts)
     device = model_device(model)
     batches = range(0, len(order), batch_size)
@@ -183,33 +199,136 @@ def generate_greedy(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="generating", unit="batch")
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        with evaluation_mode(model):
-            for start in batches:
-                rows = order[start : start + batch_size]
-                encoded = tokenizer(
-                    [prompts[i] for i in rows],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=add_special_tokens,
-                ).to(device)
-                prompt_length = encoded["input_ids"].shape[1]
-                stopping = StoppingCriteriaList(
-                    [_NewlineStop(tokenizer, prompt_length)] if stop_at_newline else []
-                )
+    prefix_cache = _PrefixCache(model, device) if share_prefix and min_shared_prefix > 0 else None
+    common = tuple(token_ids[0][: _common_prefix_length(token_ids)]) if len(token_ids) > 1 else ()
+    with evaluation_mode(model):
+        for start in batches:
+            rows = order[start : start + batch_size]
+            row_ids = [token_ids[i] for i in rows]
+            generated, prompt_length = None, 0
+            if prefix_cache is not None:
+                prefix = prefix_cache.choose_prefix(row_ids, min_shared_prefix, common)
+                if prefix:
+                    try:
+                        generated, prompt_length = _generate_shared(
+                            model, tokenizer, row_ids, prefix, prefix_cache, config, stop_at_newline
+                        )
+                    except (TypeError, ValueError, AttributeError, RuntimeError, NotImplementedError):
+                        prefix_cache = None  # a model without plain cache support: plain batches
+            if generated is None:
+                input_ids, attention_mask = _left_padded(row_ids, [], tokenizer.pad_token_id)
+                prompt_length = input_ids.shape[1]
                 generated = model.generate(
-                    input_ids=encoded["input_ids"],
-                    attention_mask=encoded["attention_mask"],
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
                     generation_config=config,
-                    stopping_criteria=stopping,
+                    stopping_criteria=_stopping(tokenizer, prompt_length, stop_at_newline),
                 )
-                for row, new_tokens in zip(rows, generated[:, prompt_length:].tolist(), strict=True):
-                    outputs[row] = _answer_text(tokenizer, new_tokens, stop_ids, stop_at_newline)
-    finally:
-        tokenizer.padding_side = saved_side
+            for row, new_tokens in zip(rows, generated[:, prompt_length:].tolist(), strict=True):
+                outputs[row] = _answer_text(tokenizer, new_tokens, stop_ids, stop_at_newline)
     return outputs
+
+
+def _stopping(tokenizer: Any, prompt_length: int, stop_at_newline: bool) -> StoppingCriteriaList:
+    return StoppingCriteriaList([_NewlineStop(tokenizer, prompt_length)] if stop_at_newline else [])
+
+
+def _left_padded(
+    row_ids: Sequence[list[int]], prefix: Sequence[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prefix`` + padding + each row's tokens after the prefix, and the mask (0 on padding)."""
+    suffixes = [ids[len(prefix) :] for ids in row_ids]
+    width = max(len(suffix) for suffix in suffixes)
+    input_ids = [[*prefix, *[pad_token_id] * (width - len(s)), *s] for s in suffixes]
+    mask = [[1] * len(prefix) + [0] * (width - len(s)) + [1] * len(s) for s in suffixes]
+    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _common_prefix_length(row_ids: Sequence[list[int]]) -> int:
+    """Longest common token prefix, leaving every row at least one token of its own to feed."""
+    first = row_ids[0]
+    limit = min(len(ids) for ids in row_ids) - 1
+    length = 0
+    while length < limit and all(ids[length] == first[length] for ids in row_ids):
+        length += 1
+    return length
+
+
+class _PrefixCache:
+    """The KV cache of the last shared prefix (batch 1), kept while the next batches share it too."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.prefix: tuple[int, ...] = ()
+        self.cache: Any = None
+        self.base: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def choose_prefix(
+        self, row_ids: Sequence[list[int]], min_length: int, common: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """The batch's own common prefix if long enough, else the cached one or ``common`` (all prompts').
+
+        A batch of one has no common prefix of its own but still reuses one shared with other batches.
+        """
+        if len(row_ids) > 1:
+            length = _common_prefix_length(row_ids)
+            if length >= min_length:
+                return tuple(row_ids[0][:length])
+        for prefix in (self.prefix, common):
+            size = len(prefix)
+            if size >= min_length and all(len(ids) > size and tuple(ids[:size]) == prefix for ids in row_ids):
+                return prefix
+        return ()
+
+    def expanded(self, prefix: tuple[int, ...], rows: int) -> Any:
+        """A cache holding ``prefix``'s keys/values for ``rows`` rows (zero-copy ``expand``).
+
+        The cache layers' ``update`` concatenates rather than writing in place, so generation never
+        modifies the prefix tensors; each call re-expands them.
+        """
+        if prefix != self.prefix:
+            self.prefix, self.cache, self.base = (), None, []
+            ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+            cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            layers = getattr(cache, "layers", None)
+            if not layers or any(type(layer).update is not DynamicLayer.update for layer in layers):
+                raise ValueError("model cache is not a plain DynamicCache")
+            base = [(layer.keys, layer.values) for layer in layers]
+            if any(keys.shape[0] != 1 or keys.shape[-2] != len(prefix) for keys, _ in base):
+                raise ValueError("unexpected prefix cache shape")
+            self.prefix, self.cache, self.base = prefix, cache, base
+        for layer, (keys, values) in zip(self.cache.layers, self.base, strict=True):
+            layer.keys = keys.expand(rows, -1, -1, -1)
+            layer.values = values.expand(rows, -1, -1, -1)
+        return self.cache
+
+
+def _generate_shared(
+    model: Any,
+    tokenizer: Any,
+    row_ids: Sequence[list[int]],
+    prefix: tuple[int, ...],
+    prefix_cache: _PrefixCache,
+    config: GenerationConfig,
+    stop_at_newline: bool,
+) -> tuple[torch.Tensor, int]:
+    """One batch on top of the shared prefix cache: generated ids [B, T] and the prompt width.
+
+    ``generate`` feeds only the tokens after the cache and derives position ids from the mask's
+    cumulative sum, so the padding between prefix and suffix shifts no real token's position.
+    """
+    input_ids, attention_mask = _left_padded(row_ids, prefix, tokenizer.pad_token_id)
+    cache = prefix_cache.expanded(prefix, len(row_ids))
+    prompt_length = input_ids.shape[1]
+    generated = model.generate(
+        input_ids=input_ids.to(prefix_cache.device),
+        attention_mask=attention_mask.to(prefix_cache.device),
+        past_key_values=cache,
+        generation_config=config,
+        stopping_criteria=_stopping(tokenizer, prompt_length, stop_at_newline),
+    )
+    return generated, prompt_length
 
 
 def _answer_text(tokenizer: Any, new_tokens: list[int], stop_ids: list[int], stop_at_newline: bool) -> str:
