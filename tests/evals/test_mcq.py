@@ -259,7 +259,8 @@ def test_malformed_inputs(byte_tokenizer, small_model):
         evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, shots=5, fewshot_pool=QUESTIONS[:2])
 
 
-def test_batches_cap_each_rows_padding_and_the_batch_size():
+def test_batches_cap_each_rows_padding_and_the_batch_size(monkeypatch):
+    monkeypatch.setattr(mcq, "MAX_ROW_PADDING", 0.05)
     lengths = [50, 100, 94, 99, 49, 96, 48, 47]
     requests = [mcq._Request(list(range(n)), [n - 1], []) for n in lengths]
     scorer = mcq._Scorer.__new__(mcq._Scorer)
