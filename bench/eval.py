@@ -7,6 +7,15 @@ speed ratio, both accuracies and their absolute difference (points), the largest
 log-likelihood difference and the fraction of identical predictions. Each side gets one warm-up
 call on a few questions first.
 
+Where the time goes (second table): a forward pre-hook on the shared model counts, for each tool,
+the forwards, the tokens it forwarded (padded: the batch's input_ids; real: without each row's
+trailing pads) and the padding share, and the seconds per 1000 forwarded tokens. Two floors put
+those counts in context: ``floor plain`` is the sum of every question's model input (prompt +
+continuation minus its last token, lm-eval's truncation), the least a tool that forwards each
+question separately must run; ``floor trie`` counts distinct token prefixes over all inputs, the
+least a tool with perfect prefix caching must run. ``x floor`` is a tool's padded tokens over the
+plain floor (1.00: it forwards nothing more than each prompt once).
+
 Settings (one row each, ``--settings``):
 
 * ``mixed-0shot`` / ``mixed-5shot``: ``--n`` questions drawn (seeded) across all MMLU subjects, so
@@ -68,6 +77,51 @@ def lm_eval_scores(lm, questions, shots: int, pool) -> list[list[float]]:
     return scores
 
 
+class TokenCounter:
+    """Counts the forwards and tokens a model runs (a forward pre-hook; works for both tools).
+
+    Rows are right-padded by both tools (with the tokenizer's pad/eos id or 0); a row's trailing run
+    of such ids is its padding. MMLU prompts end in "Answer:" or a letter, never in one of them.
+    """
+
+    def __init__(self, model, pad_ids: set[int]) -> None:
+        self.pad_ids = torch.tensor(sorted(pad_ids))
+        self.forwards = self.padded = self.real = 0
+        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return
+        input_ids = input_ids.cpu()
+        is_pad = torch.isin(input_ids, self.pad_ids).flip(-1).int()
+        trailing = is_pad.cumprod(-1).sum(-1)  # length of each row's trailing pad run
+        self.forwards += 1
+        self.padded += input_ids.numel()
+        self.real += int(input_ids.shape[-1] * input_ids.shape[0] - trailing.sum())
+
+    def reset(self) -> None:
+        self.forwards = self.padded = self.real = 0
+
+
+def token_floors(tokenizer, questions, shots: int, pool, max_length: int) -> tuple[int, int]:
+    """(plain floor, trie floor): tokens of every question's model input, and distinct prefixes."""
+    fewshot = select_fewshot(questions, shots, pool)
+    prompts = [build_prompt(q, e) for q, e in zip(questions, fewshot, strict=True)]
+    wholes = tokenizer([p + " A" for p in prompts], verbose=False)["input_ids"]
+    plain, distinct, trie = 0, 0, {}
+    for whole in wholes:
+        inputs = list(whole)[-(max_length + 1) :][:-1]  # lm-eval's input: continuation minus its last token
+        plain += len(inputs)
+        node = trie
+        for token in inputs:
+            if token not in node:
+                node[token] = {}
+                distinct += 1
+            node = node[token]
+    return plain, distinct
+
+
 def accuracy(questions, scores) -> float:
     hits = [max(range(len(s)), key=s.__getitem__) == q.answer for q, s in zip(questions, scores, strict=True)]
     return sum(hits) / len(hits)
@@ -114,13 +168,20 @@ def bench_model(name: str, setting: str, questions, pool, shots: int, batch_size
     warm = questions[:4]
     evaluate_mcq(model, tokenizer, warm, shots=0, batch_size=batch_size)
     lm_eval_scores(lm, warm, 0, pool)
+    pad_ids = {0} | {i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None}
+    counter = TokenCounter(model, pad_ids)
 
     start = time.perf_counter()
     ours = evaluate_mcq(model, tokenizer, questions, shots=shots, batch_size=batch_size, fewshot_pool=pool)
     ours_s = time.perf_counter() - start
+    ours_tokens = (counter.forwards, counter.real, counter.padded)
+    counter.reset()
     start = time.perf_counter()
     theirs = lm_eval_scores(lm, questions, shots, pool)
     theirs_s = time.perf_counter() - start
+    theirs_tokens = (counter.forwards, counter.real, counter.padded)
+    counter.handle.remove()
+    floor_plain, floor_trie = token_floors(tokenizer, questions, shots, pool, ours.settings["max_length"])
 
     our_scores = [s["scores"] for s in ours.samples]
     max_diff = max(
@@ -147,6 +208,23 @@ def bench_model(name: str, setting: str, questions, pool, shots: int, batch_size
         "acc_diff_points": abs(ours.metrics["acc"] - accuracy(questions, theirs)) * 100,
         "max_abs_loglik_diff": max_diff,
         "same_prediction": same_pred,
+        "floor_plain_per_q": floor_plain / n,
+        "floor_trie_per_q": floor_trie / n,
+        **{
+            f"{tool}_{key}": value
+            for tool, (forwards, real, padded), seconds in (
+                ("ours", ours_tokens, ours_s),
+                ("lm_eval", theirs_tokens, theirs_s),
+            )
+            for key, value in (
+                ("forwards", forwards),
+                ("real_tokens_per_q", real / n),
+                ("padded_tokens_per_q", padded / n),
+                ("padding_share", 1 - real / padded if padded else 0.0),
+                ("s_per_1k_tokens", 1000 * seconds / padded if padded else float("nan")),
+                ("x_floor", padded / floor_plain),
+            )
+        },
     }
 
 
@@ -189,6 +267,20 @@ def main() -> None:
             f"{r['acc_diff_points']:.2f} | {r['max_abs_loglik_diff']:.2e} | "
             f"{r['same_prediction'] * 100:.1f}% |"
         )
+    print()
+    print(
+        "| model | setting | tool | q/s | forwards | real tok/q | padded tok/q | padding | s/1k tok "
+        "| floor plain tok/q | floor trie tok/q | x floor |"
+    )
+    print("|" + "---|" * 12)
+    for r in rows:
+        for tool, label, qps in (("ours", "retainfirst", "ours_qps"), ("lm_eval", "lm-eval", "lm_eval_qps")):
+            print(
+                f"| {r['model']} | {r['setting']} | {label} | {r[qps]:.2f} | {r[tool + '_forwards']} | "
+                f"{r[tool + '_real_tokens_per_q']:.0f} | {r[tool + '_padded_tokens_per_q']:.0f} | "
+                f"{r[tool + '_padding_share'] * 100:.1f}% | {r[tool + '_s_per_1k_tokens']:.3f} | "
+                f"{r['floor_plain_per_q']:.0f} | {r['floor_trie_per_q']:.0f} | {r[tool + '_x_floor']:.2f} |"
+            )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

@@ -194,11 +194,14 @@ def test_auto_sharing_only_for_fewshot_letter_mode_and_large_subjects(
     byte_tokenizer, small_model, count_shared
 ):
     big = [q for q in QUESTIONS if q.subject == "elementary_mathematics"]  # 4 questions: shared
-    small = [q for q in QUESTIONS if q.subject == "english_grammar"][:3]  # 3 questions: plain
+    small = [q for q in QUESTIONS if q.subject == "english_grammar"][:1]  # a lone question: plain
     questions = big + small
-    pool = [MCQuestion(f"dev {i}?", ["a", "b", "c", "d"], i % 4, q.subject) for i, q in enumerate(questions)]
+    dev_subjects = big + [q for q in QUESTIONS if q.subject == "english_grammar"][:3]
+    pool = [
+        MCQuestion(f"dev {i}?", ["a", "b", "c", "d"], i % 4, q.subject) for i, q in enumerate(dev_subjects)
+    ]
     auto = evaluate_mcq(small_model, byte_tokenizer, questions, shots=2, fewshot_pool=pool, batch_size=3)
-    assert count_shared == [mcq.AUTO_MIN_GROUP] == [len(big)]
+    assert mcq.AUTO_MIN_GROUP == 2 and count_shared == [len(big)]
     assert auto.settings["share_prefix"] == "auto" and auto.settings["shared_prefix_groups"] == 1
     evaluate_mcq(small_model, byte_tokenizer, questions, shots=0, batch_size=3)
     evaluate_mcq(small_model, byte_tokenizer, questions, mode="option", shots=2, fewshot_pool=pool)
@@ -254,3 +257,16 @@ def test_malformed_inputs(byte_tokenizer, small_model):
         evaluate_mcq(small_model, byte_tokenizer, [{"question": "Q?"}])
     with pytest.raises(RetainFirstError, match="fewer than shots=5"):
         evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, shots=5, fewshot_pool=QUESTIONS[:2])
+
+
+def test_batches_cap_each_rows_padding_and_the_batch_size(monkeypatch):
+    monkeypatch.setattr(mcq, "MAX_ROW_PADDING", 0.05)
+    lengths = [50, 100, 94, 99, 49, 96, 48, 47]
+    requests = [mcq._Request(list(range(n)), [n - 1], []) for n in lengths]
+    scorer = mcq._Scorer.__new__(mcq._Scorer)
+    scorer.batch_size = 3
+    batches = scorer._batches(list(range(len(requests))), requests)
+    assert [[lengths[i] for i in batch] for batch in batches] == [[100, 99, 96], [94], [50, 49, 48], [47]]
+    for batch in batches:
+        longest = len(requests[batch[0]].ids)
+        assert all(len(requests[i].ids) >= (1 - mcq.MAX_ROW_PADDING) * longest for i in batch)
