@@ -157,3 +157,29 @@ def test_load_state_dict_keeps_float32_moments_and_continues_identically():
 def test_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="invalid AdamW hyperparameters"):
         Float32AdamW([torch.nn.Parameter(torch.ones(1))], lr=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_update_is_bit_identical_to_the_whole_tensor_path(monkeypatch, dtype):
+    """Tensors spanning several (uneven) chunks, a non-contiguous one on the whole-tensor path."""
+    from retainfirst.engine import optim
+
+    torch.manual_seed(3)
+    params = [torch.randn(11, 5).to(dtype), torch.randn(23).to(dtype), torch.randn(6, 4).to(dtype).t()]
+    chunked = [torch.nn.Parameter(p.clone()) for p in params]
+    chunked[2] = torch.nn.Parameter(params[2].clone().t().contiguous().t())  # keep it non-contiguous
+    whole = [torch.nn.Parameter(p.clone()) for p in params]
+    chunked_opt, whole_opt = Float32AdamW(chunked, **HYPER), Float32AdamW(whole, **HYPER)
+    for step in range(6):
+        grads = [torch.randn(p.shape).to(dtype) * (0.5**step) for p in params]
+        for a, b, grad in zip(chunked, whole, grads, strict=True):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        monkeypatch.setattr(optim, "ADAM_CHUNK_ELEMENTS", 7)
+        chunked_opt.step()
+        monkeypatch.setattr(optim, "ADAM_CHUNK_ELEMENTS", 10**9)
+        whole_opt.step()
+        assert not chunked[2].is_contiguous()
+        for a, b in zip(chunked, whole, strict=True):
+            assert torch.equal(a, b)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(chunked_opt.state[a][key], whole_opt.state[b][key]), key

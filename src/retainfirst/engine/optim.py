@@ -24,6 +24,10 @@ from torch import Tensor
 
 Grads = list[Tensor | None]
 
+ADAM_CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk of :class:`Float32AdamW`'s update on CPU: 1 MiB of float32, so a chunk's
+operands stay in cache (~2x faster than whole-tensor passes on CPU, same bits)."""
+
 
 def moment_dtype(param: Tensor) -> torch.dtype:
     """float32 for half-precision parameters, the parameter's dtype when it is already wider."""
@@ -73,25 +77,8 @@ class Float32AdamW(torch.optim.Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError("Float32AdamW does not support sparse gradients")
                 state = self._state_for(param)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                # Work on the parameter itself when it already has the moments' precision, else on a copy.
-                work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
-                grad = param.grad.to(exp_avg.dtype)
-
                 state["step"] += 1
-                if weight_decay != 0:
-                    work.mul_(1 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = state["step"].item()
-                bias_correction1 = 1 - beta1**step
-                bias_correction2 = 1 - beta2**step
-                step_size = lr / bias_correction1
-                bias_correction2_sqrt = bias_correction2**0.5
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                work.addcdiv_(exp_avg, denom, value=-step_size)
-                if work is not param:
-                    param.copy_(work)
+                _adamw_update(param, param.grad, state, lr, beta1, beta2, eps, weight_decay)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -111,6 +98,98 @@ class Float32AdamW(torch.optim.Optimizer):
                 if key in saved[saved_id]:
                     value = saved[saved_id][key]
                     self.state[param][key] = value.to(device=param.device, dtype=moment_dtype(param)).clone()
+
+
+def _adamw_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW update of ``param`` (``state["step"]`` already incremented), in the moments' precision.
+
+    Plain contiguous CPU tensors are updated in flat chunks of :data:`ADAM_CHUNK_ELEMENTS` so that every
+    operation of a chunk reads data still in cache (one trip through memory instead of eight).
+    Each element sees the same operations in the same order either way, so the chunked and the
+    whole-tensor paths give bit-identical results.
+    """
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    step = state["step"].item()
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    # Chunks only pay on CPU (cache reuse); on accelerators they would only add kernel launches.
+    if param.device.type != "cpu" or any(hasattr(t, "to_local") or not t.is_contiguous() for t in tensors):
+        _adamw_chunk(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            step_size,
+            bias_correction2_sqrt,
+            None,
+        )
+        return
+    flat_param, flat_grad = param.view(-1), grad.view(-1)
+    flat_avg, flat_avg_sq = exp_avg.view(-1), exp_avg_sq.view(-1)
+    numel = flat_param.numel()
+    scratch = torch.empty(min(numel, ADAM_CHUNK_ELEMENTS), dtype=exp_avg.dtype, device=exp_avg.device)
+    for start in range(0, numel, ADAM_CHUNK_ELEMENTS):
+        stop = min(start + ADAM_CHUNK_ELEMENTS, numel)
+        _adamw_chunk(
+            flat_param[start:stop],
+            flat_grad[start:stop],
+            flat_avg[start:stop],
+            flat_avg_sq[start:stop],
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            step_size,
+            bias_correction2_sqrt,
+            scratch[: stop - start],
+        )
+
+
+def _adamw_chunk(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step_size: float,
+    bias_correction2_sqrt: float,
+    scratch: Tensor | None,
+) -> None:
+    """torch's single-tensor AdamW arithmetic on one slice; ``scratch`` (if given) holds the denominator."""
+    # Work on the parameter itself when it already has the moments' precision, else on a copy.
+    work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+    grad = grad.to(exp_avg.dtype)
+    if weight_decay != 0:
+        work.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.sqrt() if scratch is None else torch.sqrt(exp_avg_sq, out=scratch)
+    denom.div_(bias_correction2_sqrt).add_(eps)
+    work.addcdiv_(exp_avg, denom, value=-step_size)
+    if work is not param:
+        param.copy_(work)
 
 
 def _local(tensor: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ one copy of the trainable weights (taken just before the optimizer step), one co
 gradient space the synthesizer writes u into g_r's storage; not needed in update space, where g_r
 is left intact) and g_f kept alive through the step instead of being freed after synthesis. So at
 most three extra copies of the trainable parameters at the step's peak. Sums are float32 per chunk
-of :data:`CHUNK_ELEMENTS`, accumulated in float64 and summed over FSDP shards.
+of :data:`CHUNK_ELEMENTS` (:data:`CPU_CHUNK_ELEMENTS` on CPU), accumulated in float64 and summed
+over FSDP shards; delta theta is computed one chunk at a time into a reused buffer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 
 Grads = list[Tensor | None]
 CHUNK_ELEMENTS = 1 << 21
+CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32: a chunk's operands stay in cache
 _RETAIN_DOT, _FORGET_DOT, _STEP_SQ, _RETAIN_SQ, _FORGET_SQ = range(5)
 
 
@@ -78,26 +80,40 @@ class StepCosines:
         if self.before is None:
             raise RuntimeError("StepCosines.finish() before snapshot()")
         device = self.before[0].device if self.before else torch.device("cpu")
-        sums = torch.zeros(5, dtype=torch.float64, device=device)
+        columns: list[list[Tensor]] = [[] for _ in range(5)]  # float32 partial sums, one per chunk
         for param, before, forget, retain in zip(params, self.before, self.forget, self.retain, strict=True):
             after = _local(param).detach().reshape(-1)
             before_flat = before.reshape(-1)
             dtype = torch.promote_types(after.dtype, torch.float32)
-            for start in range(0, after.numel(), CHUNK_ELEMENTS):
-                stop = min(start + CHUNK_ELEMENTS, after.numel())
-                delta = after[start:stop].to(dtype) - before_flat[start:stop].to(dtype)
-                parts = [torch.dot(delta, delta).double()]
-                parts_at = [_STEP_SQ]
-                for grad, dot_at, sq_at in (
-                    (retain, _RETAIN_DOT, _RETAIN_SQ),
-                    (forget, _FORGET_DOT, _FORGET_SQ),
-                ):
-                    if grad is None:
-                        continue
-                    chunk = grad.reshape(-1)[start:stop].to(dtype)
-                    parts += [torch.dot(delta, chunk).double(), torch.dot(chunk, chunk).double()]
-                    parts_at += [dot_at, sq_at]
-                sums[parts_at] += torch.stack(parts).to(device)
+            numel = after.numel()
+            chunk = min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if after.device.type == "cpu" else CHUNK_ELEMENTS
+            same_dtype = after.dtype == dtype and before_flat.dtype == dtype
+            # delta theta of one chunk, written into one reused cache-sized buffer
+            scratch = torch.empty(min(numel, chunk), dtype=dtype, device=after.device)
+            grads = [
+                (g.reshape(-1), dot_at, sq_at)
+                for g, dot_at, sq_at in ((retain, _RETAIN_DOT, _RETAIN_SQ), (forget, _FORGET_DOT, _FORGET_SQ))
+                if g is not None
+            ]
+            for start in range(0, numel, chunk):
+                stop = min(start + chunk, numel)
+                if same_dtype:
+                    delta = torch.sub(after[start:stop], before_flat[start:stop], out=scratch[: stop - start])
+                else:
+                    delta = after[start:stop].to(dtype) - before_flat[start:stop].to(dtype)
+                columns[_STEP_SQ].append(torch.dot(delta, delta))
+                for flat, dot_at, sq_at in grads:
+                    piece = flat[start:stop].to(dtype)
+                    columns[dot_at].append(torch.dot(delta, piece))
+                    columns[sq_at].append(torch.dot(piece, piece))
+        sums = torch.stack(
+            [
+                torch.stack(column).to(device=device, dtype=torch.float64).sum()
+                if column
+                else torch.zeros((), dtype=torch.float64, device=device)
+                for column in columns
+            ]
+        )
         self.before = self.retain = self.forget = None  # type: ignore[assignment]
         if all_reduce_fn is not None:
             sums = all_reduce_fn(sums)

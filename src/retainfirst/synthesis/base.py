@@ -39,6 +39,17 @@ AllReduceFn = Callable[[Tensor], Tensor]
 CHUNK_ELEMENTS = 1 << 21
 """Elements per chunk: bounds the float32 temporaries (~8 MiB each) whatever the tensor size."""
 
+CPU_CHUNK_ELEMENTS = 1 << 16
+"""At most this many elements per chunk on CPU (256 KiB of float32): the few operands of a chunk then
+stay in a core's L2 cache, so each gradient is read from memory once per pass instead of once per
+operation (about 2x faster on CPU; on accelerators bigger chunks mean fewer kernel launches)."""
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Chunk length on ``device``: :data:`CHUNK_ELEMENTS`, capped on CPU at :data:`CPU_CHUNK_ELEMENTS`."""
+    return min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if device.type == "cpu" else CHUNK_ELEMENTS
+
+
 # Columns of the per-tensor phase-1 sums.
 _FF, _RR, _FR, _CONFLICTS, _NUMEL = range(5)
 _PAIR_COLUMNS = 5
@@ -154,15 +165,17 @@ def _reduce(partials: Tensor, all_reduce_fn: AllReduceFn | None) -> Tensor:
     return reduced.reshape(partials.shape).to(device=partials.device, dtype=torch.float32)
 
 
-def _conflict_mask(forget: Tensor, retain: Tensor) -> Tensor:
+def _conflict_mask(forget: Tensor, retain: Tensor, out: Tensor | None = None) -> Tensor:
     """Strict sign conflict sign(f)*sign(r) < 0 as a float32 0/1 mask (zero on either side: 0).
 
-    Compared through the signs (not f*r < 0) so that products small enough to underflow still count.
+    Computed as sign(f) * r < 0, which is the same test: multiplying r by +-1 is exact (no product
+    can underflow, unlike f*r < 0), 0 * r is never negative and NaNs compare false either way.
     A float mask (not bool) because torch's CPU kernels for bool logic, ``where`` and
     ``masked_fill`` are an order of magnitude slower than float arithmetic; multiplying by an
-    exact 0/1 keeps selections exact.
+    exact 0/1 keeps selections exact. ``out``: a buffer of the chunk's length and dtype to
+    compute in (the mask is that buffer), instead of a fresh tensor.
     """
-    return torch.sign(forget).mul_(torch.sign(retain)).lt_(0)
+    return torch.sign(forget, out=out).mul_(retain).lt_(0)
 
 
 class _Pair:
@@ -187,6 +200,18 @@ class _Pair:
         else:
             self._out = torch.empty(self.numel, dtype=self.destination.dtype, device=self.device)
             self._staged = True
+        self.chunk_elements = chunk_elements(self.device)
+        self._mask_buffer: Tensor | None = None
+
+    def conflict_mask(self, forget: Tensor, retain: Tensor) -> Tensor:
+        """:func:`_conflict_mask` of one chunk, computed in one buffer reused by every chunk of this pair.
+
+        The mask is overwritten by the next chunk's: read it (or copy it) before asking again.
+        """
+        if self._mask_buffer is None:
+            length = min(self.numel, self.chunk_elements)
+            self._mask_buffer = torch.empty(length, dtype=self.compute_dtype, device=self.device)
+        return _conflict_mask(forget, retain, self._mask_buffer[: forget.numel()])
 
     def _read(self, flat: Tensor | None, start: int, stop: int) -> Tensor:
         if flat is None:
@@ -195,8 +220,8 @@ class _Pair:
 
     def chunks(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """Yield (forget chunk, retain chunk, output slice); float32 chunks must not be modified."""
-        for start in range(0, self.numel, CHUNK_ELEMENTS):
-            stop = min(start + CHUNK_ELEMENTS, self.numel)
+        for start in range(0, self.numel, self.chunk_elements):
+            stop = min(start + self.chunk_elements, self.numel)
             yield (
                 self._read(self._forget, start, stop),
                 self._read(self._retain, start, stop),
@@ -307,7 +332,7 @@ class Synthesizer(ABC):
         row = torch.zeros(_PAIR_COLUMNS, dtype=torch.float32, device=pair.device)
         row[_NUMEL] = float(pair.numel)
         for forget, retain, _ in pair.chunks():
-            conflicts = _conflict_mask(forget, retain).sum()
+            conflicts = pair.conflict_mask(forget, retain).sum()
             row[:_NUMEL] += torch.stack(
                 [torch.dot(forget, forget), torch.dot(retain, retain), torch.dot(forget, retain), conflicts]
             )
@@ -336,7 +361,7 @@ class Synthesizer(ABC):
             pair = _Pair(forget, retain)
             acc = torch.zeros(width, dtype=torch.float32, device=pair.device)
             for forget_chunk, retain_chunk, out in pair.chunks():
-                conflict = _conflict_mask(forget_chunk, retain_chunk) if want_mask else None
+                conflict = pair.conflict_mask(forget_chunk, retain_chunk) if want_mask else None
                 chunk_update, counts = self.update_chunk(forget_chunk, retain_chunk, conflict, coefficient)
                 parts = [
                     torch.dot(chunk_update, chunk_update),
