@@ -3,9 +3,10 @@
 ``RunConfig()`` with no arguments is the bundled demo's setup (SimNPO forget + NLL retain on
 SmolLM2-135M, once with each of sum / pcgrad / sago); its ``train`` is ``TrainConfig()``, so there is
 one set of defaults. ``load_config()`` without a file adds :data:`DEMO_PRESET` (the demo's matched
-forgetting: stopping level, in-run evaluation, learning rate and step budget); a file does not. A YAML file gives only what differs (sections are merged key by key onto the defaults;
-free-form option mappings such as ``train.forget_kwargs`` are taken whole, so options of one loss
-never leak into another), then overrides are applied, then everything is validated (types, ranges,
+forgetting: stopping level, in-run evaluation, learning rate and step budget); a file does not.
+A YAML file gives only what differs (sections are merged key by key onto the defaults; free-form
+option mappings such as ``train.forget_kwargs`` are taken whole, so options of one loss never leak
+into another), then overrides are applied, then everything is validated (types, ranges,
 registry names and each synthesizer's and objective's options). ``to_yaml(config)`` writes the
 full resolved tree; loading that file reproduces the run.
 

@@ -95,6 +95,8 @@ def write_report(
         RunSummary,
         compare_families,
         format_table,
+        guarantee_rows,
+        guarantee_table,
         headline_catalogue,
         headline_metrics,
         plot_cos_vs_recovery,
@@ -162,6 +164,7 @@ def write_report(
             runs, out / "cos_vs_recovery.png", records=merged
         ).name,
     }
+    guarantee = guarantee_rows([(p["label"], p["runs"]) for p in matched["configurations"]], per_run_records)
     payload = {
         "title": title,
         "model": config.model,
@@ -171,6 +174,7 @@ def write_report(
         ],
         "evaluation": evaluation_protocol(before_results, tasks, evidence, plan, matched),
         "matched": {k: v for k, v in matched.items() if k != "verdict"},
+        "guarantee": guarantee,
         "comparison": {
             "fronts": {fam: [runs[i].name for i in idx] for fam, idx in comparison.fronts.items()},
             "dominance": [list(pair) for pair in comparison.dominance],
@@ -191,6 +195,7 @@ def write_report(
         headlines=headlines,
         matched=matched["configurations"],
         protocol=describe_protocol(payload["evaluation"]),
+        guarantee=guarantee_table(guarantee),
     )
     print_report(format_table(rows, title=title, headlines=headlines), verdict, out)
     return json_safe(payload)  # as written: NaN/inf become None

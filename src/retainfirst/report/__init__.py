@@ -1,6 +1,7 @@
 """Reports of run directories: comparison tables, summary.md, Pareto and training-curve plots."""
 
 from retainfirst.io import atomic_write, atomic_write_json, atomic_write_text
+from retainfirst.report.guarantee import guarantee_rows, guarantee_table
 from retainfirst.report.pareto import (
     FamilyComparison,
     compare_families,
@@ -33,6 +34,8 @@ __all__ = [
     "forget_score",
     "format_table",
     "front_dominates",
+    "guarantee_rows",
+    "guarantee_table",
     "headline_catalogue",
     "headline_metrics",
     "hypervolume",

@@ -40,13 +40,15 @@ def write_summary_md(
     headlines: Sequence[Headline] | None = None,
     matched: Sequence[Mapping[str, Any]] | None = None,
     protocol: str | None = None,
+    guarantee: str | None = None,
 ) -> Path:
     """Write summary.md atomically. ``rows``: the ``before`` row first, then each run.
 
     ``plots`` maps a caption to a file name relative to the summary; ``rerun`` is the command that
     reproduces the directory; ``headlines``: the run's tasks' numbers (default: all registered);
     ``matched``: each configuration's estimates at the matched level (see :func:`matched_table`);
-    ``protocol``: one paragraph on how the numbers were made (probe counts, seeds, stopping rule).
+    ``protocol``: one paragraph on how the numbers were made (probe counts, seeds, stopping rule);
+    ``guarantee``: the table of cos(u, g_r) and cos(Δθ, g_r) over training (report.guarantee).
     """
     parts = [f"# {title}\n"]
     if description:
@@ -60,6 +62,15 @@ def write_summary_md(
     if verdict:
         parts.append("## Verdict\n")
         parts.append(verdict.rstrip() + "\n")
+    if guarantee:
+        parts.append("## The guarantee after the optimizer\n")
+        parts.append(
+            "cos(u, g_r): the synthesized update against the retain gradient (what pcgrad and sago "
+            "guarantee to be >= 0); cos(Δθ, g_r): the actual weight change (after clipping and AdamW's "
+            "moments) against the same retain gradient, over every training step of the configuration's "
+            "runs.\n"
+        )
+        parts.append(guarantee)
     if protocol:
         parts.append("## Evaluation protocol\n")
         parts.append(protocol.rstrip() + "\n")
