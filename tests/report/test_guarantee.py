@@ -37,11 +37,13 @@ def test_rows_pool_every_step_of_every_seed_of_a_configuration():
         "min": 0.0,
         "negative_share": 0.0,
     }
+    # the step cosine is shown for -Δθ (the descent direction, the sign convention of u)
     assert sago["cos_step_retain"]["steps"] == 3
-    assert sago["cos_step_retain"]["min"] == -0.5
-    assert sago["cos_step_retain"]["negative_share"] == pytest.approx(2 / 3)
+    assert sago["cos_step_retain"]["min"] == -0.3
+    assert sago["cos_step_retain"]["mean"] == pytest.approx(0.1)
+    assert sago["cos_step_retain"]["negative_share"] == pytest.approx(1 / 3)
     assert total["cos_step_retain"]["steps"] == 0
     table = guarantee_table(rows)
     lines = table.strip().splitlines()
-    assert lines[2] == "| sago | 3 | +0.200 | +0.000 | 0 % | -0.100 | -0.500 | 67 % |"
+    assert lines[2] == "| sago | 3 | +0.200 | +0.000 | 0 % | +0.100 | -0.300 | 33 % |"
     assert lines[3] == "| sum | 1 | -0.600 | -0.600 | 100 % | – | – | – |"

@@ -24,8 +24,8 @@ CURVE_METRICS: dict[str, str] = {
     "retain_loss": "retain loss",
     "cos_forget_retain": "cos(g_f, g_r)",
     "cos_update_retain": "cos(update, g_r)",
-    "cos_step_retain": "cos(weight change, g_r)",
-    "cos_step_forget": "cos(weight change, g_f)",
+    "cos_step_retain": "cos(weight change Δθ, g_r), < 0: retain loss falls",
+    "cos_step_forget": "cos(weight change Δθ, g_f), < 0: forget loss falls",
     "conflict_fraction": "conflict fraction",
     "eval/forget": "forget score (in-run evaluation)",
 }
@@ -33,7 +33,7 @@ CURVE_METRICS: dict[str, str] = {
 # The cosines of plot_cos_vs_recovery: the synthesizer's update u and the optimizer's actual step.
 RECOVERY_COSINES: dict[str, str] = {
     "cos_update_retain": "cos(update u, g_r)",
-    "cos_step_retain": "cos(weight change, g_r)",
+    "cos_step_retain": "cos(weight change Δθ, g_r), < 0: retain loss falls",
 }
 
 

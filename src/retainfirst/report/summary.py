@@ -66,9 +66,10 @@ def write_summary_md(
         parts.append("## The guarantee after the optimizer\n")
         parts.append(
             "cos(u, g_r): the synthesized update against the retain gradient (what pcgrad and sago "
-            "guarantee to be >= 0); cos(Δθ, g_r): the actual weight change (after clipping and AdamW's "
-            "moments) against the same retain gradient, over every training step of the configuration's "
-            "runs.\n"
+            "guarantee to be >= 0); cos(-Δθ, g_r): the actual weight change (after clipping and AdamW's "
+            "moments; the optimizer subtracts its step, so -Δθ is the comparable direction) against the "
+            "same retain gradient; >= 0 means the step does not raise the retain loss to first order. "
+            "Over every training step of the configuration's runs.\n"
         )
         parts.append(guarantee)
     if protocol:
