@@ -6,7 +6,8 @@ names (synthesizer, objectives) and their options are checked too, against the r
 are then (plugins included).
 
 ``TrainConfig()`` is the bundled demo's training (``RunConfig().train``): SimNPO forget + NLL
-retain, 24 steps of 4 x 64 tokens, sized for two CPU cores. The default ``forget_kwargs`` belong to
+retain on 4 x 64 tokens per side, sized for two CPU cores; the demo itself (``config.DEMO_PRESET``)
+raises lr to 1e-4 and stops each sub-run at the matched forget level within 20 steps. The default ``forget_kwargs`` belong to
 the default ``forget_loss``: naming another forget loss without options gives that loss's own
 defaults (the same for ``retain_loss`` / ``retain_kwargs``).
 
