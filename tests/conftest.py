@@ -7,11 +7,21 @@ import os
 import pytest
 import torch
 
+import retainfirst.config as config_module
 from retainfirst.models import build_byte_tokenizer, build_tiny_llama
 
 # Tiny models run fastest single-threaded, and a second thread only fights other processes for the two
 # cores; RETAINFIRST_TEST_THREADS=2 lets the SmolLM2 tests use both on an otherwise idle machine.
 torch.set_num_threads(int(os.environ.get("RETAINFIRST_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _plain_defaults_without_a_config_file(request, monkeypatch):
+    """Tests build their configs from overrides on the plain defaults: without a config file the CLI
+    would add the demo's matched-forgetting preset (a stop level and in-run evaluation every 2 steps)
+    to every tiny run. Tests of the preset itself are marked ``demo_preset``."""
+    if request.node.get_closest_marker("demo_preset") is None:
+        monkeypatch.setattr(config_module, "DEMO_PRESET", {})
 
 
 @pytest.fixture(scope="session")

@@ -298,6 +298,7 @@ def test_eval_command_writes_results(tiny_setup, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.demo_preset
 def test_demo_with_fewer_steps_and_facts(tmp_path):
     """The bundled demo (SmolLM2, sum/pcgrad/sago) end to end, shrunk: 2 steps, 8+8 facts, 8 MMLU."""
     out = tmp_path / "demo"
