@@ -7,9 +7,9 @@ are then (plugins included).
 
 ``TrainConfig()`` is the bundled demo's training (``RunConfig().train``): SimNPO forget + NLL
 retain on 4 x 64 tokens per side, sized for two CPU cores; the demo itself (``config.DEMO_PRESET``)
-raises lr to 1e-4 and stops each sub-run at the matched forget level within 20 steps. The default ``forget_kwargs`` belong to
-the default ``forget_loss``: naming another forget loss without options gives that loss's own
-defaults (the same for ``retain_loss`` / ``retain_kwargs``).
+raises lr to 1e-4 and stops each sub-run at the matched forget level within 20 steps. The default
+``forget_kwargs`` belong to the default ``forget_loss``: naming another forget loss without options
+gives that loss's own defaults (the same for ``retain_loss`` / ``retain_kwargs``).
 
 SimNPO's weight on a forget sequence is 2 sigmoid(-beta (NLL/|y| - delta)); the packed fact
 passages start near 3-4 nats/token, so beta = 0.25 keeps that weight around 0.6 (measured: forget
