@@ -16,6 +16,7 @@ the synthesizer combines the two Adam directions instead of the raw gradients.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -124,43 +125,26 @@ def _adamw_update(
     step_size = lr / bias_correction1
     bias_correction2_sqrt = bias_correction2**0.5
     tensors = (param, grad, exp_avg, exp_avg_sq)
+    update = functools.partial(
+        _adamw_chunk,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step_size=step_size,
+        bias_correction2_sqrt=bias_correction2_sqrt,
+    )
     # Chunks only pay on CPU (cache reuse); on accelerators they would only add kernel launches.
     if param.device.type != "cpu" or any(hasattr(t, "to_local") or not t.is_contiguous() for t in tensors):
-        _adamw_chunk(
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            step_size,
-            bias_correction2_sqrt,
-            None,
-        )
+        update(param, grad, exp_avg, exp_avg_sq, scratch=None)
         return
-    flat_param, flat_grad = param.view(-1), grad.view(-1)
-    flat_avg, flat_avg_sq = exp_avg.view(-1), exp_avg_sq.view(-1)
-    numel = flat_param.numel()
+    flat = [t.view(-1) for t in tensors]
+    numel = flat[0].numel()
     scratch = torch.empty(min(numel, ADAM_CHUNK_ELEMENTS), dtype=exp_avg.dtype, device=exp_avg.device)
     for start in range(0, numel, ADAM_CHUNK_ELEMENTS):
         stop = min(start + ADAM_CHUNK_ELEMENTS, numel)
-        _adamw_chunk(
-            flat_param[start:stop],
-            flat_grad[start:stop],
-            flat_avg[start:stop],
-            flat_avg_sq[start:stop],
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            step_size,
-            bias_correction2_sqrt,
-            scratch[: stop - start],
-        )
+        update(*(t[start:stop] for t in flat), scratch=scratch[: stop - start])
 
 
 def _adamw_chunk(
