@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from retainfirst.synthesis.base import chunk_elements
+
 Grads = list[Tensor | None]
 CHUNK_ELEMENTS = 1 << 21
 CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32: a chunk's operands stay in cache
@@ -86,7 +88,7 @@ class StepCosines:
             before_flat = before.reshape(-1)
             dtype = torch.promote_types(after.dtype, torch.float32)
             numel = after.numel()
-            chunk = min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if after.device.type == "cpu" else CHUNK_ELEMENTS
+            chunk = chunk_elements(after.device, CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS)
             same_dtype = after.dtype == dtype and before_flat.dtype == dtype
             # delta theta of one chunk, written into one reused cache-sized buffer
             scratch = torch.empty(min(numel, chunk), dtype=dtype, device=after.device)

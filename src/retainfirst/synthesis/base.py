@@ -45,9 +45,13 @@ stay in a core's L2 cache, so each gradient is read from memory once per pass in
 operation (about 2x faster on CPU; on accelerators bigger chunks mean fewer kernel launches)."""
 
 
-def chunk_elements(device: torch.device) -> int:
-    """Chunk length on ``device``: :data:`CHUNK_ELEMENTS`, capped on CPU at :data:`CPU_CHUNK_ELEMENTS`."""
-    return min(CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS) if device.type == "cpu" else CHUNK_ELEMENTS
+def chunk_elements(device: torch.device, full: int | None = None, cpu_cap: int | None = None) -> int:
+    """Chunk length on ``device``: ``full`` (default :data:`CHUNK_ELEMENTS`), capped on CPU at
+    ``cpu_cap`` (default :data:`CPU_CHUNK_ELEMENTS`). Other chunked passes (the step cosines) pass
+    their own sizes."""
+    full = CHUNK_ELEMENTS if full is None else full
+    cpu_cap = CPU_CHUNK_ELEMENTS if cpu_cap is None else cpu_cap
+    return min(full, cpu_cap) if device.type == "cpu" else full
 
 
 # Columns of the per-tensor phase-1 sums.
