@@ -17,7 +17,10 @@ those counts in context: ``floor plain`` is the sum of every question's model in
 continuation minus its last token, lm-eval's truncation), the least a tool that forwards each
 question separately must run; ``floor trie`` counts distinct token prefixes over all inputs, the
 least a tool with perfect prefix caching must run. ``x floor`` is a tool's padded tokens over the
-plain floor (1.00: it forwards nothing more than each prompt once).
+plain floor (1.00: it forwards nothing more than each prompt once). ``ratio at trie floor`` is the
+speed ratio retainfirst would reach if it forwarded only the trie floor at its measured seconds per
+token: lm-eval's time / (floor trie tokens x retainfirst's s/token). Where that is under 2, no
+token-saving scheme (packing, prefix sharing) can reach 2x; only a cheaper forward per token could.
 
 Settings (one row each, ``--settings``):
 
@@ -239,6 +242,7 @@ def bench_model(
         "same_prediction": same_pred,
         "floor_plain_per_q": floor_plain / n,
         "floor_trie_per_q": floor_trie / n,
+        "ratio_at_trie_floor": theirs_s / (floor_trie * ours_s / ours_tokens[2]) if ours_tokens[2] else 0.0,
         **{
             f"{tool}_{key}": value
             for tool, (forwards, real, padded), seconds in (
@@ -303,16 +307,17 @@ def main() -> None:
     print()
     print(
         "| model | setting | tool | q/s | forwards | real tok/q | padded tok/q | padding | s/1k tok "
-        "| floor plain tok/q | floor trie tok/q | x floor |"
+        "| floor plain tok/q | floor trie tok/q | x floor | ratio at trie floor |"
     )
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for r in rows:
         for tool, label, qps in (("ours", "retainfirst", "ours_qps"), ("lm_eval", "lm-eval", "lm_eval_qps")):
             print(
                 f"| {r['model']} | {r['setting']} | {label} | {r[qps]:.2f} | {r[tool + '_forwards']} | "
                 f"{r[tool + '_real_tokens_per_q']:.0f} | {r[tool + '_padded_tokens_per_q']:.0f} | "
                 f"{r[tool + '_padding_share'] * 100:.1f}% | {r[tool + '_s_per_1k_tokens']:.3f} | "
-                f"{r['floor_plain_per_q']:.0f} | {r['floor_trie_per_q']:.0f} | {r[tool + '_x_floor']:.2f} |"
+                f"{r['floor_plain_per_q']:.0f} | {r['floor_trie_per_q']:.0f} | {r[tool + '_x_floor']:.2f} | "
+                f"{r['ratio_at_trie_floor']:.2f}x |"
             )
     if args.json:
         with open(args.json, "w") as handle:
