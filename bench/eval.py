@@ -234,7 +234,6 @@ def bench_model(
         "ratio_max": max(pair_ratios),
         "seconds_ours": times["ours"],
         "seconds_lm_eval": times["lm_eval"],
-        "common_prefix_tokens": ours.settings["common_prefix_tokens"],
         "acc_ours": ours.metrics["acc"],
         "acc_lm_eval": accuracy(questions, theirs),
         "acc_diff_points": abs(ours.metrics["acc"] - accuracy(questions, theirs)) * 100,

@@ -203,27 +203,9 @@ def test_auto_sharing_only_for_fewshot_letter_mode_and_large_subjects(
     auto = evaluate_mcq(small_model, byte_tokenizer, questions, shots=2, fewshot_pool=pool, batch_size=3)
     assert mcq.AUTO_MIN_GROUP == 2 and count_shared == [len(big)]
     assert auto.settings["share_prefix"] == "auto" and auto.settings["shared_prefix_groups"] == 1
-    assert auto.settings["common_prefix_tokens"] == 0  # one question left over: nothing to share
-    zero_shot = evaluate_mcq(small_model, byte_tokenizer, questions, shots=0, batch_size=3)
-    # 0-shot: no subject groups, but all prompts share MMLU's description up to "about e" (byte
-    # tokens; "elementary" and "english" share their first letter), encoded once for all five.
-    prompts = [mcq.build_prompt(q) for q in questions]
-    encoded = byte_tokenizer(prompts)["input_ids"]
-    common = next(k for k in range(len(encoded[0])) if len({tuple(ids[: k + 1]) for ids in encoded}) > 1)
-    assert common == len(
-        byte_tokenizer("The following are multiple choice questions (with answers) about e")["input_ids"]
-    )
-    assert count_shared == [len(big), len(questions)]
-    assert (
-        zero_shot.settings["common_prefix_tokens"] == common
-        and zero_shot.settings["shared_prefix_groups"] == 0
-    )
+    evaluate_mcq(small_model, byte_tokenizer, questions, shots=0, batch_size=3)
     evaluate_mcq(small_model, byte_tokenizer, questions, mode="option", shots=2, fewshot_pool=pool)
-    assert len(count_shared) == 2  # option mode does not share by default
-    zero_plain = evaluate_mcq(small_model, byte_tokenizer, questions, shots=0, share_prefix=False)
-    assert zero_plain.settings["common_prefix_tokens"] == 0 and len(count_shared) == 2
-    for a, b in zip(zero_shot.samples, zero_plain.samples, strict=True):
-        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    assert len(count_shared) == 1  # neither 0-shot nor option mode shares by default
     plain = evaluate_mcq(
         small_model, byte_tokenizer, questions, shots=2, fewshot_pool=pool, share_prefix=False
     )
@@ -305,24 +287,3 @@ def test_padding_cap_changes_batches_not_scores(byte_tokenizer, small_model, mon
     assert len(forwards) - capped_forwards == 1 < capped_forwards  # the cap did split the batch
     for a, b in zip(capped.samples, full.samples, strict=True):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
-
-
-def test_common_prefix_is_shared_only_when_it_pays(monkeypatch):
-    calls = []
-    monkeypatch.setattr(
-        mcq._Scorer, "_run_shared", lambda self, r, indices, prefix, out: calls.append(prefix)
-    )
-    scorer = mcq._Scorer.__new__(mcq._Scorer)
-    scorer.share_common_prefix, scorer.common_prefix_tokens = True, 0
-    common = list(range(10))
-
-    def requests(tail: int) -> list:
-        return [mcq._Request(common + [100 + k] * tail, [9 + tail], []) for k in range(3)]
-
-    assert scorer._run_on_common_prefix(requests(50), [0, 1, 2], {})  # 10 of 60 tokens: shared
-    assert calls == [10] and scorer.common_prefix_tokens == 10
-    assert not scorer._run_on_common_prefix(requests(300), [0, 1, 2], {})  # 10 of 310: under 5 %
-    assert not scorer._run_on_common_prefix(requests(50), [0], {})  # a single request
-    short = [mcq._Request(list(range(5)) + [100 + k] * 20, [24], []) for k in range(3)]
-    assert not scorer._run_on_common_prefix(short, [0, 1, 2], {})  # 5 tokens < MIN_COMMON_PREFIX
-    assert calls == [10]

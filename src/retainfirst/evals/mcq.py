@@ -18,10 +18,10 @@ Modes:
   encodes it once per subject (batch 1) and runs that subject's questions on top of its KV cache,
   so only the question tokens go through the model (about 2-2.5x faster at 5-shot on CPU when a
   subject has tens of questions). Subjects with a single question (fewer than ``AUTO_MIN_GROUP``), 0-shot
-  runs and option mode use plain batches (``share_prefix=True`` forces sharing everywhere). In letter
-  mode the remaining requests also share the token prefix common to all of them (MMLU's description
-  up to the subject name) when it is at least ``MIN_COMMON_PREFIX`` tokens and ``COMMON_FRACTION``
-  of their mean length.
+  runs and option mode use plain batches (``share_prefix=True`` forces sharing everywhere). The
+  11-token description start common to all MMLU prompts is not shared: attention over a cached
+  prefix needs an explicit mask, which cost more per token than the saved tokens (2026-11-30: tiny
+  Llama 0-shot 37 % slower with it, SmolLM2 within noise).
 * ``option``: the log-likelihood of " " + option text; ``acc`` takes the argmax of the summed
   log-likelihood, ``acc_norm`` divides it by the option's length in characters (lm-eval's acc_norm).
 
@@ -30,8 +30,8 @@ same subject, as lm-eval's ``first_n`` sampler) or, without a pool, k other ques
 subject drawn with a seeded RNG (never the question itself).
 
 Batches are sorted longest first and closed before a row would be padded by more than
-``MAX_ROW_PADDING`` of the batch length (lm-eval sorts too but fills every batch, so scattered
-prompts of 50-550 tokens waste ~40 % of its forwarded tokens on padding), right-padded and run
+``MAX_ROW_PADDING`` of the batch length (lm-eval sorts too but fills every batch, so with scattered
+prompts of 50-550 tokens 16-41 % of what it forwards is padding: 200 / 60 questions), right-padded and run
 without an attention mask (as lm-eval does): causal attention keeps real tokens away from the
 trailing pads, and each row is read at its own positions, so results do not depend on the batching.
 Only the needed positions' log-probs are kept, never [B, T, V].
@@ -75,12 +75,6 @@ SHARE_PREFIX_CHOICES = (True, False, "auto")
 # 2026-11-30 (SmolLM2-135M, 60 scattered questions, 2 CPU threads): 0-shot 15.2 s -> 8.6 s, 5-shot
 # 79 s -> 43 s, identical scores (1.0 = off).
 MAX_ROW_PADDING = 0.1
-# share_prefix="auto" (letter mode) also encodes the token prefix common to all remaining requests
-# once (MMLU's "The following are multiple choice questions (with answers) about", 11 of ~130 tokens
-# of a 0-shot prompt) when it has at least this many tokens and this share of their mean length:
-# the masked attention over a cached prefix costs a little per token, so a 1 % prefix does not pay.
-MIN_COMMON_PREFIX = 8
-COMMON_FRACTION = 0.05
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +182,6 @@ class _Scorer:
         progress: bool,
         share_prefix: bool = True,
         min_group: int = 2,
-        share_common_prefix: bool = False,
     ) -> None:
         self.model = model
         self.pad = pad_token_id
@@ -199,8 +192,6 @@ class _Scorer:
         self.share_prefix = share_prefix
         self.min_group = max(2, min_group)  # fewest requests in a group worth a shared prefix
         self.shared_groups = 0  # groups that did run on a shared prefix (reported in settings)
-        self.share_common_prefix = share_common_prefix
-        self.common_prefix_tokens = 0  # prefix of all remaining requests that ran once (settings)
 
     def _selected_logits(self, input_ids, positions) -> torch.Tensor:
         """Logits [B, K, V] at ``positions`` [B, K]; only those positions are projected when possible.
@@ -249,27 +240,8 @@ class _Scorer:
                     except (TypeError, ValueError, AttributeError, RuntimeError):
                         self.share_prefix = False  # model without cache support: plain batches
                 plain.extend(indices)
-        if plain and self.share_common_prefix and self._run_on_common_prefix(requests, plain, results):
-            return results
         self._run_plain(requests, plain, results)
         return results
-
-    def _run_on_common_prefix(self, requests, indices, results) -> bool:
-        """Run ``indices`` on the KV cache of their common token prefix if it is long enough to pay."""
-        if len(indices) < 2:
-            return False
-        subset = [requests[i] for i in indices]
-        prefix = _shared_prefix_length(subset)
-        mean_length = sum(len(r.ids) for r in subset) / len(subset)
-        if prefix < MIN_COMMON_PREFIX or prefix < COMMON_FRACTION * mean_length:
-            return False
-        try:
-            self._run_shared(requests, indices, prefix, results)
-        except (TypeError, ValueError, AttributeError, RuntimeError):
-            self.share_common_prefix = False  # model without cache support: plain batches
-            return False
-        self.common_prefix_tokens = prefix
-        return True
 
     def _batches(self, indices: list[int], requests: Sequence[_Request]) -> list[list[int]]:
         """Longest first, at most ``batch_size`` rows, and no row padded by more than ``MAX_ROW_PADDING``.
@@ -471,17 +443,16 @@ def evaluate_mcq(
     longer prompts lose tokens from the left. ``share_prefix`` encodes a token prefix common to
     several requests (description + few-shot block of a subject; a question's prompt in option mode)
     once and reuses its KV cache: ``"auto"`` does so in letter mode with shots > 0 for subjects with
-    at least ``AUTO_MIN_GROUP`` questions and, in letter mode, for the prefix common to all remaining
-    requests (``settings["common_prefix_tokens"]``), ``True`` wherever a long prefix is shared,
-    ``False`` never. Scores are the same up to float noise (~1e-5 log-likelihood).
+    at least ``AUTO_MIN_GROUP`` questions, ``True`` wherever a long prefix is shared, ``False``
+    never. Scores are the same up to float noise (~1e-5 log-likelihood).
     """
     _validate(questions, mode, shots, batch_size)
     if share_prefix not in SHARE_PREFIX_CHOICES or not isinstance(share_prefix, (bool, str)):
         raise RetainFirstError(f"share_prefix must be True, False or 'auto', got {share_prefix!r}")
     if share_prefix == "auto":
-        sharing, min_group, common = mode == "letter" and shots > 0, AUTO_MIN_GROUP, mode == "letter"
+        sharing, min_group = mode == "letter" and shots > 0, AUTO_MIN_GROUP
     else:
-        sharing, min_group, common = bool(share_prefix), 2, bool(share_prefix)
+        sharing, min_group = bool(share_prefix), 2
     scored = list(questions[:limit] if limit is not None else questions)
     fewshot = select_fewshot(scored, shots, fewshot_pool, seed, pool_for_sampling=questions)
     prompts = [build_prompt(q, examples) for q, examples in zip(scored, fewshot, strict=True)]
@@ -533,7 +504,7 @@ def evaluate_mcq(
     model.eval()
     try:
         with torch.inference_mode():
-            scorer = _Scorer(model, pad, batch_size, progress, sharing, min_group, common)
+            scorer = _Scorer(model, pad, batch_size, progress, sharing, min_group)
             picked = scorer.run(requests, groups)
     finally:
         model.train(was_training)
@@ -558,7 +529,6 @@ def evaluate_mcq(
         max_length,
         share_prefix,
         scorer.shared_groups,
-        scorer.common_prefix_tokens,
     )
 
 
@@ -576,7 +546,6 @@ def _summarise(
     max_length,
     share_prefix,
     shared_groups,
-    common_prefix_tokens,
 ):
     correct, correct_norm, samples = [], [], []
     per_subject: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -632,7 +601,6 @@ def _summarise(
         "multi_token_fallback": fallback,
         "share_prefix": share_prefix,
         "shared_prefix_groups": shared_groups,
-        "common_prefix_tokens": common_prefix_tokens,
     }
     return EvalResult(
         task=task, metrics=metrics, n=n, settings=settings, breakdown=breakdown, samples=samples
