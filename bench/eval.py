@@ -6,7 +6,7 @@ question, retainfirst through ``evaluate_mcq(mode="letter")``. Reported: questio
 speed ratio, both accuracies and their absolute difference (points), the largest per-choice
 log-likelihood difference and the fraction of identical predictions. Each side gets one warm-up
 call on a few questions first; then ``--repeats`` timed runs per tool, alternating which tool goes
-first, and the ratio of the median times (this 2-core machine's speed drifts by 20-30 % within
+first, and the ratio of the median times (this 2-core machine's speed drifts by 20-50 % within
 minutes, which a single pair of runs cannot tell from a speed-up); the table also shows the range of
 the per-repeat ratios.
 
@@ -37,10 +37,10 @@ for both sides (lm-eval gets the very prompts retainfirst builds).
 
     .venv/bin/python bench/eval.py                      # tiny Llama + SmolLM2-135M, all settings
     .venv/bin/python bench/eval.py --n 60 --repeats 1   # quick look
+    .venv/bin/python bench/eval.py --models tiny --settings subjects-5shot --threads 1
 
 Time on the 2-core machine (2026-11-30): mixed-0shot n=200 x 3 repeats 7.5 min, mixed-5shot n=200 x
 2 repeats 23 min (16.7 GB peak RSS, both tools in one process), subjects-5shot x 1 9.5 min.
-    .venv/bin/python bench/eval.py --models tiny --settings subjects-5shot --threads 1
 """
 
 from __future__ import annotations
@@ -314,12 +314,13 @@ def main() -> None:
     print("|" + "---|" * 13)
     for r in rows:
         for tool, label, qps in (("ours", "retainfirst", "ours_qps"), ("lm_eval", "lm-eval", "lm_eval_qps")):
+            bound = f"{r['ratio_at_trie_floor']:.2f}x" if tool == "ours" else ""  # one value per setting
             print(
                 f"| {r['model']} | {r['setting']} | {label} | {r[qps]:.2f} | {r[tool + '_forwards']} | "
                 f"{r[tool + '_real_tokens_per_q']:.0f} | {r[tool + '_padded_tokens_per_q']:.0f} | "
                 f"{r[tool + '_padding_share'] * 100:.1f}% | {r[tool + '_s_per_1k_tokens']:.3f} | "
                 f"{r['floor_plain_per_q']:.0f} | {r['floor_trie_per_q']:.0f} | {r[tool + '_x_floor']:.2f} | "
-                f"{r['ratio_at_trie_floor']:.2f}x |"
+                f"{bound} |"
             )
     if args.json:
         with open(args.json, "w") as handle:

@@ -71,7 +71,8 @@ AUTO_MIN_GROUP = 2
 SHARE_PREFIX_CHOICES = (True, False, "auto")
 # A batch takes the next (shorter) request only if it pads that row by at most this share of the
 # batch's length: fewer pad tokens, at the cost of smaller batches. Scattered MMLU prompts vary 10x
-# in length, so fixed batches of 16 sorted rows are ~40 % padding; with this cap ~3 %. A/B on
+# in length, so fixed batches of 16 sorted rows are 16-41 % padding (200 / 60 questions); with this
+# cap 2.5-4 % (bench/eval.py, 2026-11-30). One-off A/B on
 # 2026-11-30 (SmolLM2-135M, 60 scattered questions, 2 CPU threads): 0-shot 15.2 s -> 8.6 s, 5-shot
 # 79 s -> 43 s, identical scores (1.0 = off).
 MAX_ROW_PADDING = 0.1
