@@ -22,6 +22,15 @@ speed ratio retainfirst would reach if it forwarded only the trie floor at its m
 token: lm-eval's time / (floor trie tokens x retainfirst's s/token). Where that is under 2, no
 token-saving scheme (packing, prefix sharing) can reach 2x; only a cheaper forward per token could.
 
+The cost per token has a floor too: ``linear GF/s`` is each tool's forwarded tokens x the model's
+Linear FLOPs per token (2 x the weights of every Linear but the LM head) per second, ``GEMM peak``
+the best FLOP/s of this machine on the model's largest Linear at 2048 rows (MKL or oneDNN, best of
+5), measured after every timed run and reported as the median (the machine's speed drifts), and
+``ratio at compute floor`` lm-eval's time over the time of the trie floor's tokens at that peak with
+nothing but the Linears (no attention, no LM head): the most any float32 tool could reach on this
+machine. retainfirst runs its Linears on oneDNN (``evals.cpu_linear``; ``--no-onednn``: on MKL, as
+lm-eval does).
+
 Settings (one row each, ``--settings``):
 
 * ``mixed-0shot`` / ``mixed-5shot``: ``--n`` questions drawn (seeded) across all MMLU subjects, so
@@ -133,6 +142,39 @@ def token_floors(tokenizer, questions, shots: int, pool, max_length: int) -> tup
     return plain, distinct
 
 
+def linear_flops_per_token(model) -> int:
+    """2 x the weights of every Linear but the LM head: the matmul FLOPs each forwarded token needs.
+
+    The LM head is left out (the least a scorer needs is one projected position per question) and so
+    is attention (it grows with the prompt): a lower bound on the work per token.
+    """
+    head = model.get_output_embeddings()
+    return sum(
+        2 * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    )
+
+
+def gemm_peak(model, rows: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of this machine on the model's largest Linear, over MKL and oneDNN (best of reps)."""
+    from retainfirst.evals.cpu_linear import onednn_linear
+
+    head = model.get_output_embeddings()
+    layer = max(
+        (m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head),
+        key=lambda m: m.weight.numel(),
+    )
+    x = torch.randn(rows, layer.in_features)
+    best = float("inf")
+    with torch.inference_mode():
+        for enabled in (False, True):
+            with onednn_linear(model, enabled=enabled):
+                for _ in range(reps + 1):  # the first is a warm-up
+                    start = time.perf_counter()
+                    layer(x)
+                    best = min(best, time.perf_counter() - start)
+    return 2 * rows * layer.weight.numel() / best
+
+
 def accuracy(questions, scores) -> float:
     hits = [max(range(len(s)), key=s.__getitem__) == q.answer for q, s in zip(questions, scores, strict=True)]
     return sum(hits) / len(hits)
@@ -171,7 +213,14 @@ def subject_questions(n: int, subjects: int, seed: int, shots: int):
 
 
 def bench_model(
-    name: str, setting: str, questions, pool, shots: int, batch_size: int, repeats: int = 1
+    name: str,
+    setting: str,
+    questions,
+    pool,
+    shots: int,
+    batch_size: int,
+    repeats: int = 1,
+    onednn: bool = True,
 ) -> dict:
     from lm_eval.models.huggingface import HFLM
 
@@ -186,7 +235,7 @@ def bench_model(
 
     def run_ours():
         return evaluate_mcq(
-            model, tokenizer, questions, shots=shots, batch_size=batch_size, fewshot_pool=pool
+            model, tokenizer, questions, shots=shots, batch_size=batch_size, fewshot_pool=pool, onednn=onednn
         )
 
     def run_theirs():
@@ -197,6 +246,7 @@ def bench_model(
     times: dict[str, list[float]] = {"ours": [], "lm_eval": []}
     tokens: dict[str, tuple[int, int, int]] = {}
     outputs: dict[str, object] = {}
+    peaks: list[float] = []
     for repeat in range(repeats):
         order = (("ours", run_ours), ("lm_eval", run_theirs))
         for tool, run in order if repeat % 2 == 0 else order[::-1]:
@@ -204,8 +254,11 @@ def bench_model(
             start = time.perf_counter()
             outputs[tool] = run()
             times[tool].append(time.perf_counter() - start)
+            peaks.append(gemm_peak(model))  # after every run: the machine's speed drifts
             tokens.setdefault(tool, (counter.forwards, counter.real, counter.padded))
     counter.handle.remove()
+    flops_per_token = linear_flops_per_token(model)
+    peak = statistics.median(peaks)
     ours, theirs = outputs["ours"], outputs["lm_eval"]
     ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["lm_eval"])
     ours_tokens, theirs_tokens = tokens["ours"], tokens["lm_eval"]
@@ -245,6 +298,11 @@ def bench_model(
         "floor_plain_per_q": floor_plain / n,
         "floor_trie_per_q": floor_trie / n,
         "ratio_at_trie_floor": theirs_s / (floor_trie * ours_s / ours_tokens[2]) if ours_tokens[2] else 0.0,
+        "linear_backend": ours.settings["linear_backend"],
+        "linear_gflop_per_token": flops_per_token / 1e9,
+        "gemm_peak_gflops": peak / 1e9,
+        # the fastest any tool could be here: the trie floor's tokens, linear FLOPs only, at GEMM peak
+        "ratio_at_compute_floor": theirs_s / (floor_trie * flops_per_token / peak),
         **{
             f"{tool}_{key}": value
             for tool, (forwards, real, padded), seconds in (
@@ -257,6 +315,7 @@ def bench_model(
                 ("padded_tokens_per_q", padded / n),
                 ("padding_share", 1 - real / padded if padded else 0.0),
                 ("s_per_1k_tokens", 1000 * seconds / padded if padded else float("nan")),
+                ("linear_gflops", padded * flops_per_token / seconds / 1e9),
                 ("x_floor", padded / floor_plain),
             )
         },
@@ -275,6 +334,12 @@ def main() -> None:
         "--repeats", type=int, default=3, help="timed runs per tool, alternating; median times are compared"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--onednn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="retainfirst's linears on oneDNN (its default on CPU); --no-onednn: MKL, as lm-eval",
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -289,7 +354,9 @@ def main() -> None:
         else:
             questions, pool = subject_questions(args.n, args.subjects, args.seed, shots)
         for name in args.models.split(","):
-            rows.append(bench_model(name, setting, questions, pool, shots, args.batch_size, args.repeats))
+            rows.append(
+                bench_model(name, setting, questions, pool, shots, args.batch_size, args.repeats, args.onednn)
+            )
             print(json.dumps(rows[-1]), flush=True)
     header = (
         "| model | setting | subjects | threads | shots | n | retainfirst q/s | lm-eval q/s | speed ratio "
@@ -309,18 +376,23 @@ def main() -> None:
     print()
     print(
         "| model | setting | tool | q/s | forwards | real tok/q | padded tok/q | padding | s/1k tok "
-        "| floor plain tok/q | floor trie tok/q | x floor | ratio at trie floor |"
+        "| floor plain tok/q | floor trie tok/q | x floor | ratio at trie floor | linear GF/s "
+        "| GEMM peak GF/s | ratio at compute floor |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 16)
     for r in rows:
         for tool, label, qps in (("ours", "retainfirst", "ours_qps"), ("lm_eval", "lm-eval", "lm_eval_qps")):
-            bound = f"{r['ratio_at_trie_floor']:.2f}x" if tool == "ours" else ""  # one value per setting
+            # one value per setting, on the retainfirst row
+            bound = f"{r['ratio_at_trie_floor']:.2f}x" if tool == "ours" else ""
+            peak = f"{r['gemm_peak_gflops']:.0f}" if tool == "ours" else ""
+            compute = f"{r['ratio_at_compute_floor']:.2f}x" if tool == "ours" else ""
+            backend = f" ({r['linear_backend']})" if tool == "ours" else ""
             print(
                 f"| {r['model']} | {r['setting']} | {label} | {r[qps]:.2f} | {r[tool + '_forwards']} | "
                 f"{r[tool + '_real_tokens_per_q']:.0f} | {r[tool + '_padded_tokens_per_q']:.0f} | "
                 f"{r[tool + '_padding_share'] * 100:.1f}% | {r[tool + '_s_per_1k_tokens']:.3f} | "
                 f"{r['floor_plain_per_q']:.0f} | {r['floor_trie_per_q']:.0f} | {r[tool + '_x_floor']:.2f} | "
-                f"{bound} |"
+                f"{bound} | {r[tool + '_linear_gflops']:.0f}{backend} | {peak} | {compute} |"
             )
     if args.json:
         with open(args.json, "w") as handle:

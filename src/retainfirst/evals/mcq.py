@@ -34,7 +34,9 @@ Batches are sorted longest first and closed before a row would be padded by more
 prompts of 50-550 tokens 16-41 % of what it forwards is padding: 200 / 60 questions), right-padded and run
 without an attention mask (as lm-eval does): causal attention keeps real tokens away from the
 trailing pads, and each row is read at its own positions, so results do not depend on the batching.
-Only the needed positions' log-probs are kept, never [B, T, V].
+Only the needed positions' log-probs are kept, never [B, T, V]. On CPU a float32 model's Linear
+layers run on oneDNN rather than MKL (``evals.cpu_linear``, ``onednn=False`` to turn off): Linears
+are ~85 % of a forward here, and oneDNN runs them ~10 % faster, same scores up to float rounding.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from transformers.cache_utils import DynamicLayer
 
 from retainfirst.data.mcq import LETTERS, MCQuestion
 from retainfirst.errors import RetainFirstError
+from retainfirst.evals.cpu_linear import onednn_linear
 from retainfirst.evals.results import EvalResult
 
 MODES = ("letter", "option")
@@ -434,6 +437,7 @@ def evaluate_mcq(
     progress: bool = False,
     max_length: int | None = None,
     share_prefix: bool | str = "auto",
+    onednn: bool = True,
 ) -> EvalResult:
     """Accuracy of ``model`` on multiple-choice ``questions`` (see the module docstring).
 
@@ -445,7 +449,9 @@ def evaluate_mcq(
     several requests (description + few-shot block of a subject; a question's prompt in option mode)
     once and reuses its KV cache: ``"auto"`` does so in letter mode with shots > 0 for subjects with
     at least ``AUTO_MIN_GROUP`` questions, ``True`` wherever a long prefix is shared, ``False``
-    never. Scores are the same up to float noise (~1e-5 log-likelihood).
+    never. Scores are the same up to float noise (~1e-5 log-likelihood). ``onednn`` runs a CPU
+    float32 model's linear layers on oneDNN instead of MKL (``evals.cpu_linear``: ~10 % less time
+    per token, same scores up to float rounding); ``settings["linear_backend"]`` says which ran.
     """
     _validate(questions, mode, shots, batch_size)
     if share_prefix not in SHARE_PREFIX_CHOICES or not isinstance(share_prefix, (bool, str)):
@@ -504,9 +510,10 @@ def evaluate_mcq(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), onednn_linear(model, enabled=onednn) as linear_mode:
             scorer = _Scorer(model, pad, batch_size, progress, sharing, min_group)
             picked = scorer.run(requests, groups)
+            backend = "onednn" if linear_mode is not None and linear_mode.calls else "default"
     finally:
         model.train(was_training)
 
@@ -530,6 +537,7 @@ def evaluate_mcq(
         max_length,
         share_prefix,
         scorer.shared_groups,
+        backend,
     )
 
 
@@ -547,6 +555,7 @@ def _summarise(
     max_length,
     share_prefix,
     shared_groups,
+    linear_backend,
 ):
     correct, correct_norm, samples = [], [], []
     per_subject: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -602,6 +611,7 @@ def _summarise(
         "multi_token_fallback": fallback,
         "share_prefix": share_prefix,
         "shared_prefix_groups": shared_groups,
+        "linear_backend": linear_backend,
     }
     return EvalResult(
         task=task, metrics=metrics, n=n, settings=settings, breakdown=breakdown, samples=samples
