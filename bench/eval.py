@@ -49,7 +49,8 @@ for both sides (lm-eval gets the very prompts retainfirst builds).
     .venv/bin/python bench/eval.py --models tiny --settings subjects-5shot --threads 1
 
 Time on the 2-core machine (2026-11-30): mixed-0shot n=200 x 3 repeats 7.5 min, mixed-5shot n=200 x
-2 repeats 23 min (16.7 GB peak RSS, both tools in one process), subjects-5shot x 1 9.5 min.
+2 repeats 23 min (16.7 GB peak RSS, both tools in one process), subjects-5shot x 1 9.5 min; on
+2026-12-01 (a slower day) mixed-0shot n=200 x 3 took 11-13 min for SmolLM2, 1 min for the tiny model.
 """
 
 from __future__ import annotations
