@@ -143,27 +143,26 @@ def token_floors(tokenizer, questions, shots: int, pool, max_length: int) -> tup
     return plain, distinct
 
 
+def stack_linears(model) -> list[torch.nn.Linear]:
+    """Every Linear of the model but the LM head."""
+    head = model.get_output_embeddings()
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
 def linear_flops_per_token(model) -> int:
     """2 x the weights of every Linear but the LM head: the matmul FLOPs each forwarded token needs.
 
     The LM head is left out (the least a scorer needs is one projected position per question) and so
     is attention (it grows with the prompt): a lower bound on the work per token.
     """
-    head = model.get_output_embeddings()
-    return sum(
-        2 * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
-    )
+    return sum(2 * m.weight.numel() for m in stack_linears(model))
 
 
 def gemm_peak(model, rows: int = 2048, reps: int = 5) -> float:
     """Best FLOP/s of this machine on the model's largest Linear, over MKL and oneDNN (best of reps)."""
     from retainfirst.evals.cpu_linear import onednn_linear
 
-    head = model.get_output_embeddings()
-    layer = max(
-        (m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head),
-        key=lambda m: m.weight.numel(),
-    )
+    layer = max(stack_linears(model), key=lambda m: m.weight.numel())
     x = torch.randn(rows, layer.in_features)
     best = float("inf")
     with torch.inference_mode():
