@@ -12,6 +12,7 @@ from retainfirst.data import MCQuestion
 from retainfirst.evals import cpu_linear
 from retainfirst.evals.cpu_linear import onednn_available, onednn_linear
 from retainfirst.evals.mcq import evaluate_mcq
+from retainfirst.evals.perplexity import evaluate_perplexity
 from retainfirst.models import build_tiny_llama
 
 # The x86 builds CI and our users' GPU hosts run ship oneDNN with this op; elsewhere the context
@@ -121,3 +122,14 @@ def test_evaluate_mcq_reports_the_backend_and_scores_agree(byte_tokenizer, model
     for a, b in zip(fast.samples, slow.samples, strict=True):
         assert a["pred"] == b["pred"]
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+@needs_onednn
+def test_evaluate_perplexity_reports_the_backend_and_agrees(byte_tokenizer, model):
+    texts = ["The quick brown fox jumps over the lazy dog.", "Forget this, keep that.", "ab"]
+    fast = evaluate_perplexity(model, byte_tokenizer, texts, max_length=16, batch_size=2)
+    slow = evaluate_perplexity(model, byte_tokenizer, texts, max_length=16, batch_size=2, onednn=False)
+    assert fast.settings["linear_backend"] == "onednn"
+    assert slow.settings["linear_backend"] == "default"
+    assert fast.metrics["tokens"] == slow.metrics["tokens"]
+    assert fast.metrics["nll_per_token"] == pytest.approx(slow.metrics["nll_per_token"], rel=1e-5)
