@@ -102,6 +102,11 @@ class _OneDNNLinearMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def linear_backend(mode: _OneDNNLinearMode | None) -> str:
+    """What ran the block's Linears, for an evaluation's settings: ``onednn`` if any call went there."""
+    return "onednn" if mode is not None and mode.calls else "default"
+
+
 @contextlib.contextmanager
 def onednn_linear(model: torch.nn.Module | None = None, enabled: bool = True) -> Iterator[object | None]:
     """Run the block's CPU float32 inference linears on oneDNN; yields the mode (or None if off).

@@ -52,7 +52,7 @@ from transformers.cache_utils import DynamicLayer
 
 from retainfirst.data.mcq import LETTERS, MCQuestion
 from retainfirst.errors import RetainFirstError
-from retainfirst.evals.cpu_linear import onednn_linear
+from retainfirst.evals.cpu_linear import linear_backend, onednn_linear
 from retainfirst.evals.results import EvalResult
 
 MODES = ("letter", "option")
@@ -513,7 +513,7 @@ def evaluate_mcq(
         with torch.inference_mode(), onednn_linear(model, enabled=onednn) as linear_mode:
             scorer = _Scorer(model, pad, batch_size, progress, sharing, min_group)
             picked = scorer.run(requests, groups)
-            backend = "onednn" if linear_mode is not None and linear_mode.calls else "default"
+            backend = linear_backend(linear_mode)
     finally:
         model.train(was_training)
 

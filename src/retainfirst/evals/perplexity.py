@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from retainfirst.errors import RetainFirstError
-from retainfirst.evals.cpu_linear import onednn_linear
+from retainfirst.evals.cpu_linear import linear_backend, onednn_linear
 from retainfirst.evals.results import EvalResult
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def evaluate_perplexity(
             for nll, count in _window_nll(model, windows[start : start + batch_size], pad_id, device):
                 total_nll += nll
                 total_tokens += count
-        backend = "onednn" if linear_mode is not None and linear_mode.calls else "default"
+        backend = linear_backend(linear_mode)
     mean_nll = total_nll / total_tokens
     return EvalResult(
         task=task,
