@@ -29,7 +29,9 @@ the best FLOP/s of this machine on the model's largest Linear at 2048 rows (MKL 
 ``ratio at compute floor`` lm-eval's time over the time of the trie floor's tokens at that peak with
 nothing but the Linears (no attention, no LM head): the most any float32 tool could reach on this
 machine. retainfirst runs its Linears on oneDNN (``evals.cpu_linear``; ``--no-onednn``: on MKL, as
-lm-eval does).
+lm-eval does) and scores two batches at once on worker threads (``--streams 1``: one at a time). The
+rows record the CPU's instruction set as PyTorch sees it (``cpu``: AVX2, AVX512, ...): this project's
+machines are not all alike, and MKL does not use AVX-512 on AMD CPUs while oneDNN does.
 
 Settings (one row each, ``--settings``):
 
@@ -60,6 +62,7 @@ import json
 import logging
 import random
 import statistics
+import threading
 import time
 from collections import defaultdict
 
@@ -103,10 +106,12 @@ class TokenCounter:
 
     Rows are right-padded by both tools (with the tokenizer's pad/eos id or 0); a row's trailing run
     of such ids is its padding. MMLU prompts end in "Answer:" or a letter, never in one of them.
+    retainfirst scores two batches at once on CPU (worker threads), hence the lock.
     """
 
     def __init__(self, model, pad_ids: set[int]) -> None:
         self.pad_ids = torch.tensor(sorted(pad_ids))
+        self.lock = threading.Lock()
         self.forwards = self.padded = self.real = 0
         self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
@@ -117,9 +122,10 @@ class TokenCounter:
         input_ids = input_ids.cpu()
         is_pad = torch.isin(input_ids, self.pad_ids).flip(-1).int()
         trailing = is_pad.cumprod(-1).sum(-1)  # length of each row's trailing pad run
-        self.forwards += 1
-        self.padded += input_ids.numel()
-        self.real += int(input_ids.shape[-1] * input_ids.shape[0] - trailing.sum())
+        with self.lock:
+            self.forwards += 1
+            self.padded += input_ids.numel()
+            self.real += int(input_ids.shape[-1] * input_ids.shape[0] - trailing.sum())
 
     def reset(self) -> None:
         self.forwards = self.padded = self.real = 0
@@ -221,6 +227,7 @@ def bench_model(
     batch_size: int,
     repeats: int = 1,
     onednn: bool = True,
+    streams: int | None = None,
 ) -> dict:
     from lm_eval.models.huggingface import HFLM
 
@@ -235,7 +242,14 @@ def bench_model(
 
     def run_ours():
         return evaluate_mcq(
-            model, tokenizer, questions, shots=shots, batch_size=batch_size, fewshot_pool=pool, onednn=onednn
+            model,
+            tokenizer,
+            questions,
+            shots=shots,
+            batch_size=batch_size,
+            fewshot_pool=pool,
+            onednn=onednn,
+            streams=streams,
         )
 
     def run_theirs():
@@ -280,6 +294,8 @@ def bench_model(
         "subjects": len({q.subject for q in questions}),
         "shared_prefix_groups": ours.settings["shared_prefix_groups"],
         "threads": torch.get_num_threads(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+        "streams": ours.settings["streams"],
         "shots": shots,
         "n": n,
         "ours_qps": n / ours_s,
@@ -340,6 +356,9 @@ def main() -> None:
         default=True,
         help="retainfirst's linears on oneDNN (its default on CPU); --no-onednn: MKL, as lm-eval",
     )
+    parser.add_argument(
+        "--streams", type=int, default=None, help="retainfirst's batches at once (default: its own, 2 on CPU)"
+    )
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -355,9 +374,24 @@ def main() -> None:
             questions, pool = subject_questions(args.n, args.subjects, args.seed, shots)
         for name in args.models.split(","):
             rows.append(
-                bench_model(name, setting, questions, pool, shots, args.batch_size, args.repeats, args.onednn)
+                bench_model(
+                    name,
+                    setting,
+                    questions,
+                    pool,
+                    shots,
+                    args.batch_size,
+                    args.repeats,
+                    args.onednn,
+                    args.streams,
+                )
             )
             print(json.dumps(rows[-1]), flush=True)
+    if rows:
+        print(
+            f"CPU capability {rows[0]['cpu']}, {rows[0]['threads']} threads,"
+            f" retainfirst streams {rows[0]['streams']}"
+        )
     header = (
         "| model | setting | subjects | threads | shots | n | retainfirst q/s | lm-eval q/s | speed ratio "
         "| per-repeat ratios | acc ours | acc lm-eval | |Δacc| pts | max |Δll| | same pred |"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -287,3 +288,125 @@ def test_padding_cap_changes_batches_not_scores(byte_tokenizer, small_model, mon
     assert len(forwards) - capped_forwards == 1 < capped_forwards  # the cap did split the batch
     for a, b in zip(capped.samples, full.samples, strict=True):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test (the default streams need them), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("mode", "shots"), [("letter", 0), ("letter", 2), ("option", 0)])
+def test_streams_give_the_same_scores_and_restore_the_thread_count(
+    byte_tokenizer, small_model, two_threads, mode, shots
+):
+    questions = [q for q in QUESTIONS if q.subject != "high_school_chemistry"] * 2  # two subjects
+    pool = [MCQuestion(f"dev {i}?", ["a", "bb", "c", "d"], i, q.subject) for i, q in enumerate(QUESTIONS[:4])]
+    kwargs = {"mode": mode, "shots": shots, "fewshot_pool": pool, "batch_size": 1, "share_prefix": shots > 0}
+    results = {
+        n: evaluate_mcq(small_model, byte_tokenizer, questions, streams=n, **kwargs) for n in (1, 2, 3)
+    }
+    assert torch.get_num_threads() == 2
+    for n, result in results.items():
+        assert result.settings["streams"] == n
+        assert result.settings["shared_prefix_groups"] == (2 if shots else 0)
+        for a, b in zip(result.samples, results[1].samples, strict=True):
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+            assert a["pred"] == b["pred"]
+    assert evaluate_mcq(small_model, byte_tokenizer, QUESTIONS).settings["streams"] == mcq.CPU_STREAMS
+
+
+def test_stream_workers_keep_inference_mode_the_linear_backend_and_their_thread_share(
+    byte_tokenizer, small_model, two_threads
+):
+    from retainfirst.evals.cpu_linear import onednn_available
+
+    seen = []
+
+    def record(module, args):
+        modes = torch.overrides._get_current_function_mode_stack()
+        seen.append(
+            (
+                threading.current_thread().name,
+                torch.is_inference_mode_enabled(),
+                torch.get_num_threads(),
+                len(modes),
+            )
+        )
+
+    handle = small_model.register_forward_pre_hook(record)
+    try:
+        result = evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, batch_size=1, streams=2)
+    finally:
+        handle.remove()
+    workers = [entry for entry in seen if entry[0].startswith("mcq")]
+    assert len(seen) == len(QUESTIONS) and len(workers) == len(QUESTIONS) - 1  # first batch on the caller
+    assert all(inference for _, inference, _, _ in seen)
+    assert {threads for _, _, threads, _ in workers} == {1}
+    assert {modes for _, _, _, modes in seen} == {1 if onednn_available() else 0}
+    assert result.settings["linear_backend"] == ("onednn" if onednn_available() else "default")
+
+
+def test_a_failing_batch_on_a_worker_raises_and_restores_the_thread_count(
+    byte_tokenizer, small_model, two_threads, monkeypatch
+):
+    original = mcq._Scorer._store
+    calls = []
+
+    def failing(self, *args):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise FloatingPointError("boom")
+        return original(self, *args)
+
+    monkeypatch.setattr(mcq._Scorer, "_store", failing)
+    with pytest.raises(FloatingPointError, match="boom"):
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, batch_size=1, streams=2)
+    assert torch.get_num_threads() == 2
+
+
+def test_default_streams_only_on_a_cpu_with_enough_threads(small_model, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert mcq._default_streams(small_model) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert mcq._default_streams(small_model) == mcq.CPU_STREAMS
+    meta = build_tiny_llama(300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64).to("meta")
+    assert mcq._default_streams(meta) == 1
+
+
+@pytest.mark.parametrize("streams", [0, -1, 1.5, True, "2"])
+def test_bad_streams_are_refused(byte_tokenizer, small_model, streams):
+    with pytest.raises(RetainFirstError, match="streams must be a positive integer or None"):
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, streams=streams)
+
+
+def test_long_rows_and_shared_prefix_batches_run_one_at_a_time_on_the_caller(
+    byte_tokenizer, small_model, two_threads, monkeypatch
+):
+    names = []
+    handle = small_model.register_forward_pre_hook(
+        lambda module, args: names.append(threading.current_thread().name)
+    )
+    try:
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, batch_size=1, streams=2)
+        assert sum(name.startswith("mcq") for name in names) == len(QUESTIONS) - 1
+        names.clear()
+        monkeypatch.setattr(mcq, "STREAM_MAX_ROW_TOKENS", 8)  # every prompt is longer
+        evaluate_mcq(small_model, byte_tokenizer, QUESTIONS, batch_size=1, streams=2)
+        assert len(names) == len(QUESTIONS) and not any(name.startswith("mcq") for name in names)
+        names.clear()
+        monkeypatch.setattr(mcq, "STREAM_MAX_ROW_TOKENS", 10_000)
+        questions = [q for q in QUESTIONS if q.subject != "high_school_chemistry"]
+        pool = [
+            MCQuestion(f"dev {i}?", ["a", "b", "c", "d"], i, q.subject) for i, q in enumerate(QUESTIONS[:4])
+        ]
+        shared = evaluate_mcq(
+            small_model, byte_tokenizer, questions, shots=2, fewshot_pool=pool, batch_size=1, streams=2
+        )
+        assert shared.settings["shared_prefix_groups"] == 2
+        assert len(names) == len(questions) + 2 and not any(name.startswith("mcq") for name in names)
+    finally:
+        handle.remove()

@@ -36,15 +36,21 @@ without an attention mask (as lm-eval does): causal attention keeps real tokens 
 trailing pads, and each row is read at its own positions, so results do not depend on the batching.
 Only the needed positions' log-probs are kept, never [B, T, V]. On CPU a float32 model's Linear
 layers run on oneDNN rather than MKL (``evals.cpu_linear``, ``onednn=False`` to turn off): Linears
-are ~85 % of a forward here, and oneDNN runs them ~10 % faster, same scores up to float rounding.
+are ~85 % of a forward here, and oneDNN runs them ~10 % faster on AVX2 (more on AMD CPUs with
+AVX-512, where MKL stays on AVX2 code), same scores up to float rounding. On a CPU with two or more
+threads, ``CPU_STREAMS`` plain batches of rows up to ``STREAM_MAX_ROW_TOKENS`` run at once on worker
+threads that split the intra-op threads (``streams=1`` turns this off; ``settings["streams"]``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +85,20 @@ SHARE_PREFIX_CHOICES = (True, False, "auto")
 # 2026-11-30 (SmolLM2-135M, 60 scattered questions, 2 CPU threads): 0-shot 15.2 s -> 8.6 s, 5-shot
 # 79 s -> 43 s, identical scores (1.0 = off).
 MAX_ROW_PADDING = 0.1
+# On a CPU with two or more intra-op threads, this many plain batches are scored at once on worker
+# threads, each with its share of the threads (``streams``). Norms, rotary embeddings, activations
+# and the attention of short rows are small kernels that two threads split poorly, and one batch's
+# Python overhead runs while the other's kernels do. One-off A/Bs with a scratch script on 2026-12-01
+# (2 AMD EPYC cores with AVX-512, 200 scattered questions, 3 alternating pairs, scores identical):
+# SmolLM2-135M 0-shot 1.15x (medians 19.8 s vs 17.2 s); tiny Llama 0-shot 1.05x, 5-shot 1.01x.
+# Nothing changes on a GPU (one stream). Shared-prefix groups run one batch at a time (a subject's
+# few batches would leave a core idle at their tail; SmolLM2 4 subjects x 50, 5-shot: 1.02x at once).
+CPU_STREAMS = 2
+# Only batches whose rows are at most this long run at once: for long rows the attention and the
+# larger products split well over threads, and two such batches at once were slower (tiny Llama,
+# 5-shot prompts of 1000-4000 byte tokens: 7.8 s one at a time, 9.6 s two at once, 2026-12-01).
+# With every batch at once the tiny model's 0-shot gained 1.20x but its 5-shot lost (0.89x).
+STREAM_MAX_ROW_TOKENS = 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +206,8 @@ class _Scorer:
         progress: bool,
         share_prefix: bool = True,
         min_group: int = 2,
+        streams: int = 1,
+        linear_mode: object | None = None,
     ) -> None:
         self.model = model
         self.pad = pad_token_id
@@ -196,6 +218,8 @@ class _Scorer:
         self.share_prefix = share_prefix
         self.min_group = max(2, min_group)  # fewest requests in a group worth a shared prefix
         self.shared_groups = 0  # groups that did run on a shared prefix (reported in settings)
+        self.streams = streams  # batches scored at once (worker threads; see CPU_STREAMS)
+        self.linear_mode = linear_mode  # the caller's oneDNN torch-function mode, entered per worker
 
     def _selected_logits(self, input_ids, positions) -> torch.Tensor:
         """Logits [B, K, V] at ``positions`` [B, K]; only those positions are projected when possible.
@@ -296,59 +320,116 @@ class _Scorer:
             start += len(request.picks)
 
     def _run_plain(self, requests, indices, results) -> None:
-        batches = self._batches(indices, requests)
-        for batch in self._progress(batches):
+        def score(batch: list[int]) -> None:
             chunk = [requests[i] for i in batch]
             input_ids, positions, picks = self._pack(chunk, 0)
             logits = self._selected_logits(input_ids.to(self.device), positions.to(self.device))
             self._store(logits, picks, batch, chunk, results)
 
+        batches = self._batches(indices, requests)  # longest first: the long-row batches lead
+        alone = next(
+            (k for k, batch in enumerate(batches) if len(requests[batch[0]].ids) <= STREAM_MAX_ROW_TOKENS),
+            len(batches),
+        )
+        self._each(batches, score, alone)
+
     def _run_shared(self, requests, indices, prefix_length, results) -> None:
         """Encode the common prefix once (batch 1), then run each batch of suffixes on top of it.
 
-        The cache layers' ``update`` concatenates (``keys = cat([keys, new])``) rather than writing
-        in place, so each batch gets the prefix keys/values as a zero-copy ``expand`` along the batch
-        dimension; the prefix tensors themselves are never modified, and restored after each batch.
-        Suffixes are right-padded and run without a mask (causal attention keeps real tokens away
-        from the pads); positions continue from the prefix length.
+        Each batch gets its own shallow copy of the prefix cache whose layers hold the prefix
+        keys/values as a zero-copy ``expand`` along the batch dimension; the cache layers' ``update``
+        concatenates (``keys = cat([keys, new])``) rather than writing in place, so the prefix
+        tensors are never modified. Suffixes are right-padded and run
+        without a mask (causal attention keeps real tokens away from the pads); positions continue
+        from the prefix length.
         """
         prefix = torch.tensor([requests[indices[0]].ids[:prefix_length]], device=self.device)
         cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
         layers = getattr(cache, "layers", None)
         if not layers or any(type(layer).update is not DynamicLayer.update for layer in layers):
             raise ValueError("model cache is not a plain DynamicCache")
-        base = [(layer.keys, layer.values) for layer in layers]
-        if any(keys.shape[0] != 1 or keys.shape[-2] != prefix_length for keys, _ in base):
+        if any(layer.keys.shape[0] != 1 or layer.keys.shape[-2] != prefix_length for layer in layers):
             raise ValueError("unexpected prefix cache shape")
-        for batch in self._progress(self._batches(indices, requests)):
+
+        def score(batch: list[int]) -> None:
             chunk = [requests[i] for i in batch]
             input_ids, positions, picks = self._pack(chunk, prefix_length)
             rows, length = input_ids.shape
-            for layer, (keys, values) in zip(layers, base, strict=True):
-                layer.keys = keys.expand(rows, -1, -1, -1)
-                layer.values = values.expand(rows, -1, -1, -1)
+            batch_cache = copy.copy(cache)
+            batch_cache.layers = []
+            for layer in layers:
+                batch_layer = copy.copy(layer)
+                batch_layer.keys = layer.keys.expand(rows, -1, -1, -1)
+                batch_layer.values = layer.values.expand(rows, -1, -1, -1)
+                batch_cache.layers.append(batch_layer)
             position_ids = torch.arange(prefix_length, prefix_length + length, device=self.device)
-            try:
-                logits = self.model(
-                    input_ids=input_ids.to(self.device),
-                    position_ids=position_ids.expand(rows, -1),
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=positions.to(self.device),
-                ).logits
-            finally:
-                for layer, (keys, values) in zip(layers, base, strict=True):
-                    layer.keys, layer.values = keys, values
+            logits = self.model(
+                input_ids=input_ids.to(self.device),
+                position_ids=position_ids.expand(rows, -1),
+                past_key_values=batch_cache,
+                use_cache=True,
+                logits_to_keep=positions.to(self.device),
+            ).logits
             if logits.shape[:2] != positions.shape:
                 raise ValueError("model ignored logits_to_keep")
             self._store(logits, picks, batch, chunk, results)
 
-    def _progress(self, batches):
-        if not self.progress:
-            return batches
+        # One batch at a time: a subject's few batches would leave a core idle at their tail.
+        batches = self._batches(indices, requests)
+        self._each(batches, score, alone=len(batches))
+
+    def _each(self, batches: list[list[int]], score: Callable[[list[int]], None], alone: int = 0) -> None:
+        """``score`` every batch: ``batches[:alone]`` one at a time, the rest ``streams`` at once.
+
+        At least the first batch runs alone on the calling thread, so a fallback it settles (a model
+        without per-row ``logits_to_keep``) holds before the others start. Each worker enters the
+        caller's thread-local state (inference mode, the oneDNN mode) and runs with
+        ``torch.get_num_threads() // streams`` intra-op threads; the caller's count is restored
+        afterwards. Each batch writes only its own rows of the results, so scores do not depend on
+        the order in which batches finish.
+        """
+        bar = self._bar(len(batches))
+        alone = len(batches) if self.streams <= 1 else max(1, alone)
+        for batch in batches[:alone]:
+            score(batch)
+            bar.update(1)
+        if alone >= len(batches):
+            bar.close()
+            return
+        streams = self.streams
+
+        def work(batch: list[int]) -> None:
+            with torch.inference_mode(), self._linear_mode():
+                score(batch)
+
+        threads = torch.get_num_threads()
+        per_stream = max(1, threads // streams)
+        try:
+            torch.set_num_threads(per_stream)
+            with ThreadPoolExecutor(
+                streams,
+                thread_name_prefix="mcq",
+                initializer=torch.set_num_threads,
+                initargs=(per_stream,),
+            ) as pool:
+                for _ in pool.map(work, batches[alone:]):
+                    bar.update(1)
+        finally:
+            torch.set_num_threads(threads)
+            bar.close()
+
+    @contextlib.contextmanager
+    def _linear_mode(self) -> Iterator[None]:
+        if self.linear_mode is None:
+            yield
+        else:
+            with self.linear_mode:  # a TorchFunctionMode; modes are per thread
+                yield
+
+    def _bar(self, total: int):
         from tqdm.auto import tqdm
 
-        return tqdm(batches, desc="mcq batches")
+        return tqdm(total=total, desc="mcq batches", disable=not self.progress)
 
 
 def _shared_prefix_length(requests: Sequence[_Request]) -> int:
@@ -438,6 +519,7 @@ def evaluate_mcq(
     max_length: int | None = None,
     share_prefix: bool | str = "auto",
     onednn: bool = True,
+    streams: int | None = None,
 ) -> EvalResult:
     """Accuracy of ``model`` on multiple-choice ``questions`` (see the module docstring).
 
@@ -452,8 +534,13 @@ def evaluate_mcq(
     never. Scores are the same up to float noise (~1e-5 log-likelihood). ``onednn`` runs a CPU
     float32 model's linear layers on oneDNN instead of MKL (``evals.cpu_linear``: ~10 % less time
     per token, same scores up to float rounding); ``settings["linear_backend"]`` says which ran.
+    ``streams`` batches are scored at once on worker threads that split the intra-op threads
+    (default: ``CPU_STREAMS`` for a model on a CPU with two or more threads, else 1); scores do not
+    depend on it beyond float rounding of the thread count.
     """
     _validate(questions, mode, shots, batch_size)
+    if streams is not None and (isinstance(streams, bool) or not isinstance(streams, int) or streams < 1):
+        raise RetainFirstError(f"streams must be a positive integer or None, got {streams!r}")
     if share_prefix not in SHARE_PREFIX_CHOICES or not isinstance(share_prefix, (bool, str)):
         raise RetainFirstError(f"share_prefix must be True, False or 'auto', got {share_prefix!r}")
     if share_prefix == "auto":
@@ -511,7 +598,9 @@ def evaluate_mcq(
     model.eval()
     try:
         with torch.inference_mode(), onednn_linear(model, enabled=onednn) as linear_mode:
-            scorer = _Scorer(model, pad, batch_size, progress, sharing, min_group)
+            if streams is None:
+                streams = _default_streams(model)
+            scorer = _Scorer(model, pad, batch_size, progress, sharing, min_group, streams, linear_mode)
             picked = scorer.run(requests, groups)
             backend = linear_backend(linear_mode)
     finally:
@@ -538,7 +627,14 @@ def evaluate_mcq(
         share_prefix,
         scorer.shared_groups,
         backend,
+        streams,
     )
+
+
+def _default_streams(model) -> int:
+    """``CPU_STREAMS`` for a model wholly on a CPU with at least that many intra-op threads, else 1."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return CPU_STREAMS if on_cpu and torch.get_num_threads() >= CPU_STREAMS else 1
 
 
 def _summarise(
@@ -556,6 +652,7 @@ def _summarise(
     share_prefix,
     shared_groups,
     linear_backend,
+    streams,
 ):
     correct, correct_norm, samples = [], [], []
     per_subject: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -612,6 +709,7 @@ def _summarise(
         "share_prefix": share_prefix,
         "shared_prefix_groups": shared_groups,
         "linear_backend": linear_backend,
+        "streams": streams,
     }
     return EvalResult(
         task=task, metrics=metrics, n=n, settings=settings, breakdown=breakdown, samples=samples
