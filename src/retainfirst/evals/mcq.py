@@ -339,9 +339,8 @@ class _Scorer:
         Each batch gets its own shallow copy of the prefix cache whose layers hold the prefix
         keys/values as a zero-copy ``expand`` along the batch dimension; the cache layers' ``update``
         concatenates (``keys = cat([keys, new])``) rather than writing in place, so the prefix
-        tensors are never modified. Suffixes are right-padded and run
-        without a mask (causal attention keeps real tokens away from the pads); positions continue
-        from the prefix length.
+        tensors are never modified. Suffixes are right-padded and run without a mask (causal
+        attention keeps real tokens away from the pads); positions continue from the prefix length.
         """
         prefix = torch.tensor([requests[indices[0]].ids[:prefix_length]], device=self.device)
         cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
