@@ -31,7 +31,8 @@ nothing but the Linears (no attention, no LM head): the most any float32 tool co
 machine. retainfirst runs its Linears on oneDNN (``evals.cpu_linear``; ``--no-onednn``: on MKL, as
 lm-eval does) and scores two batches at once on worker threads (``--streams 1``: one at a time). The
 rows record the CPU's instruction set as PyTorch sees it (``cpu``: AVX2, AVX512, ...): this project's
-machines are not all alike, and MKL does not use AVX-512 on AMD CPUs while oneDNN does.
+machines are not all alike: on an AMD CPU with AVX-512, MKL ran SmolLM2's GEMMs at less than half
+oneDNN's speed (2026-12-01), consistent with MKL running its AVX2 code on AMD CPUs.
 
 Settings (one row each, ``--settings``):
 

@@ -45,11 +45,10 @@ threads that split the intra-op threads (``streams=1`` turns this off; ``setting
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -336,44 +335,47 @@ class _Scorer:
     def _run_shared(self, requests, indices, prefix_length, results) -> None:
         """Encode the common prefix once (batch 1), then run each batch of suffixes on top of it.
 
-        Each batch gets its own shallow copy of the prefix cache whose layers hold the prefix
-        keys/values as a zero-copy ``expand`` along the batch dimension; the cache layers' ``update``
-        concatenates (``keys = cat([keys, new])``) rather than writing in place, so the prefix
-        tensors are never modified. Suffixes are right-padded and run without a mask (causal
-        attention keeps real tokens away from the pads); positions continue from the prefix length.
+        The cache layers' ``update`` concatenates (``keys = cat([keys, new])``) rather than writing
+        in place, so each batch gets the prefix keys/values as a zero-copy ``expand`` along the batch
+        dimension; the prefix tensors themselves are never modified, and restored after each batch
+        (so the batches of a group run one at a time). Suffixes are right-padded and run without a
+        mask (causal attention keeps real tokens away from the pads); positions continue from the
+        prefix length.
         """
         prefix = torch.tensor([requests[indices[0]].ids[:prefix_length]], device=self.device)
         cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
         layers = getattr(cache, "layers", None)
         if not layers or any(type(layer).update is not DynamicLayer.update for layer in layers):
             raise ValueError("model cache is not a plain DynamicCache")
-        if any(layer.keys.shape[0] != 1 or layer.keys.shape[-2] != prefix_length for layer in layers):
+        base = [(layer.keys, layer.values) for layer in layers]
+        if any(keys.shape[0] != 1 or keys.shape[-2] != prefix_length for keys, _ in base):
             raise ValueError("unexpected prefix cache shape")
 
         def score(batch: list[int]) -> None:
             chunk = [requests[i] for i in batch]
             input_ids, positions, picks = self._pack(chunk, prefix_length)
             rows, length = input_ids.shape
-            batch_cache = copy.copy(cache)
-            batch_cache.layers = []
-            for layer in layers:
-                batch_layer = copy.copy(layer)
-                batch_layer.keys = layer.keys.expand(rows, -1, -1, -1)
-                batch_layer.values = layer.values.expand(rows, -1, -1, -1)
-                batch_cache.layers.append(batch_layer)
+            for layer, (keys, values) in zip(layers, base, strict=True):
+                layer.keys = keys.expand(rows, -1, -1, -1)
+                layer.values = values.expand(rows, -1, -1, -1)
             position_ids = torch.arange(prefix_length, prefix_length + length, device=self.device)
-            logits = self.model(
-                input_ids=input_ids.to(self.device),
-                position_ids=position_ids.expand(rows, -1),
-                past_key_values=batch_cache,
-                use_cache=True,
-                logits_to_keep=positions.to(self.device),
-            ).logits
+            try:
+                logits = self.model(
+                    input_ids=input_ids.to(self.device),
+                    position_ids=position_ids.expand(rows, -1),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=positions.to(self.device),
+                ).logits
+            finally:
+                for layer, (keys, values) in zip(layers, base, strict=True):
+                    layer.keys, layer.values = keys, values
             if logits.shape[:2] != positions.shape:
                 raise ValueError("model ignored logits_to_keep")
             self._store(logits, picks, batch, chunk, results)
 
-        # One batch at a time: a subject's few batches would leave a core idle at their tail.
+        # One batch at a time: the batches share the cache object, and a subject's few batches
+        # would leave a core idle at their tail anyway.
         batches = self._batches(indices, requests)
         self._each(batches, score, alone=len(batches))
 
@@ -395,18 +397,19 @@ class _Scorer:
         if alone >= len(batches):
             bar.close()
             return
-        streams = self.streams
+        # Torch function modes are per thread: each worker enters the caller's oneDNN mode itself.
+        linear_mode = contextlib.nullcontext() if self.linear_mode is None else self.linear_mode
 
         def work(batch: list[int]) -> None:
-            with torch.inference_mode(), self._linear_mode():
+            with torch.inference_mode(), linear_mode:
                 score(batch)
 
         threads = torch.get_num_threads()
-        per_stream = max(1, threads // streams)
+        per_stream = max(1, threads // self.streams)
         try:
             torch.set_num_threads(per_stream)
             with ThreadPoolExecutor(
-                streams,
+                self.streams,
                 thread_name_prefix="mcq",
                 initializer=torch.set_num_threads,
                 initargs=(per_stream,),
@@ -416,14 +419,6 @@ class _Scorer:
         finally:
             torch.set_num_threads(threads)
             bar.close()
-
-    @contextlib.contextmanager
-    def _linear_mode(self) -> Iterator[None]:
-        if self.linear_mode is None:
-            yield
-        else:
-            with self.linear_mode:  # a TorchFunctionMode; modes are per thread
-                yield
 
     def _bar(self, total: int):
         from tqdm.auto import tqdm
